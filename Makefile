@@ -1,0 +1,50 @@
+# The README's two commands: `make repro` runs the pipeline, `make test` runs the tests.
+# Both set everything up first (virtualenv, pinned packages, the offline dataset) and are
+# quick when that is already done.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Stage commands call `python`; this puts the virtualenv's first on PATH.
+RUN    := PATH="$(CURDIR)/$(BIN):$$PATH"
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data-deps repro test test-fast lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.lock
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
+	touch $@
+
+# The offline default dataset: Debian's dataset-fashion-mnist, when apt is here and we are root.
+# Without it the download stage fetches the same files from the official mirror (needs internet).
+data-deps:
+	@if [ -f $(FMNIST) ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+	    || echo "note: could not install dataset-fashion-mnist; the download stage will try the internet"; \
+	else echo "note: dataset-fashion-mnist not installed (no apt or not root); the download stage will try the internet"; fi
+
+repro: setup data-deps
+	$(RUN) $(BIN)/dvc repro
+
+test: setup data-deps
+	$(RUN) $(BIN)/python -m pytest
+
+test-fast: setup
+	$(RUN) $(BIN)/python -m pytest -m "not slow"
+
+# Re-pin the whole tree after editing requirements.in.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --disable-pip-version-check -q -r requirements.in
+	{ echo "# Exact versions of the whole dependency tree, from: pip install -r requirements.in && pip freeze"; \
+	  echo "# Regenerate with: make lock"; .venv-lock/bin/pip freeze; } > requirements.lock
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) data/raw data/split data/augmented data/metrics data/plots

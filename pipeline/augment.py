@@ -1,0 +1,26 @@
+"""Stage `augment`: materialize K seeded augmented copies of every training image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from _common import parse, run
+
+from cnnlab.data.augment import build_policy, run_augment
+from cnnlab.io import write_json
+
+
+def main() -> None:
+    args, params = parse(__doc__, "split", "out", "preview", "metrics")
+    p = params.augment
+    policy = build_policy(p)
+    print(f"policy: {policy}")
+    summary = run_augment(Path(args.split), Path(args.out), Path(args.preview), policy=policy,
+                          copies=p.copies, seed=params.base.seed, preview_images=p.preview_images)
+    write_json(Path(args.metrics), summary)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    run(main, FileNotFoundError)

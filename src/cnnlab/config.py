@@ -1,0 +1,159 @@
+"""params.yaml -> typed, validated configuration.
+
+Every section is a frozen pydantic model with ``extra="forbid"`` and strict types, so a typo'd
+key, a string where a number belongs or an out-of-range value stops the pipeline *before* any
+work, with a message that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PerClassCap = Annotated[int, Field(ge=1)] | None
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override of it) is missing, unparsable or invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class BaseParams(_Section):
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    experiment: Annotated[str, Field(min_length=1)] = "cnnlab"
+
+
+class DownloadParams(_Section):
+    source: Literal["fashion_mnist", "url", "local"] = "fashion_mnist"
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    fashion_mnist_url: str = "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+    url: str | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    local_dir: str = "data/local"
+    max_download_bytes: Annotated[int, Field(ge=1)] = 2 * 1024**3
+    max_extracted_bytes: Annotated[int, Field(ge=1)] = 8 * 1024**3
+    max_members: Annotated[int, Field(ge=1)] = 500_000
+    max_compression_ratio: Annotated[float, Field(ge=1.0)] = 200.0
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _url_needs_checksum(self) -> DownloadParams:
+        if self.source == "url":
+            if not self.url:
+                raise ValueError("source 'url' needs download.url (an archive of <class>/<image> folders)")
+            if not self.sha256:
+                raise ValueError(
+                    "source 'url' needs download.sha256 (64 hex digits); compute it with "
+                    "`sha256sum ARCHIVE` on a copy you trust"
+                )
+        return self
+
+
+class SplitParams(_Section):
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    max_train_per_class: PerClassCap = 200
+    max_val_per_class: PerClassCap = 100
+    max_test_per_class: PerClassCap = 500
+    max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
+    max_side: Annotated[int, Field(ge=8)] | None = 512
+    color_mode: Literal["auto", "rgb", "grey"] = "auto"
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> SplitParams:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
+                "leaves too little for training; keep the sum below 0.9"
+            )
+        return self
+
+
+class ColorJitterParams(_Section):
+    brightness: Annotated[float, Field(ge=0.0)] = 0.0
+    contrast: Annotated[float, Field(ge=0.0)] = 0.0
+    saturation: Annotated[float, Field(ge=0.0)] = 0.0
+    hue: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+
+
+class AugmentParams(_Section):
+    copies: Annotated[int, Field(ge=0, le=100)] = 4
+    hflip: Probability = 0.5
+    vflip: Probability = 0.0
+    rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 10.0
+    translate: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
+    scale: Annotated[list[Annotated[float, Field(gt=0.0)]], Field(min_length=2, max_length=2)] = [0.9, 1.1]
+    shear: Annotated[float, Field(ge=0.0, le=45.0)] = 5.0
+    color_jitter: ColorJitterParams = ColorJitterParams(brightness=0.2, contrast=0.2)
+    auto_augment: Literal["none", "trivial_augment_wide", "auto_augment", "rand_augment"] = "none"
+    random_erasing: Probability = 0.25
+    preview_images: Annotated[int, Field(ge=1, le=64)] = 8
+
+    @model_validator(mode="after")
+    def _scale_ordered(self) -> AugmentParams:
+        if self.scale[0] > self.scale[1]:
+            raise ValueError(f"scale {self.scale} must be [min, max] with min <= max")
+        return self
+
+
+class Params(_Section):
+    base: BaseParams = BaseParams()
+    download: DownloadParams = DownloadParams()
+    split: SplitParams = SplitParams()
+    augment: AugmentParams = AugmentParams()
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) if loc else "(top level)"
+    if err["type"] == "extra_forbidden":
+        model: type[BaseModel] = Params
+        for part in loc[:-1]:
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
+        allowed = ", ".join(model.model_fields)
+        return f"{key}: unknown key (allowed here: {allowed})"
+    if err["type"] == "value_error":  # our own cross-field rules: the message already says it all
+        return f"{key}: {err['msg'].removeprefix('Value error, ')}"
+    value: Any = raw
+    for part in loc:
+        value = value.get(part, "<missing>") if isinstance(value, dict) else "<n/a>"
+    msg = err["msg"]
+    if loc:
+        return f"{key} = {value!r}: {msg}"
+    return f"{msg}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping; ``source`` only labels the error message."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, raw) for e in exc.errors()]
+        raise ConfigError(f"{source} is invalid:\n  - " + "\n  - ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``path``; a missing file, bad YAML or bad value raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the repository root or pass --params") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, source=str(path))

@@ -1,0 +1,1 @@
+"""Data sources, safe download/extraction, image decoding, splitting and augmentation."""

@@ -1,0 +1,128 @@
+"""The `download` stage's work: turn a configured source into a self-contained raw folder.
+
+Layout of the raw folder (``data/raw`` by default)::
+
+    source.json           what was fetched, from where, with which checksums
+    idx/                  fashion_mnist: the four original *-ubyte.gz files
+    archive/<name>        url: the downloaded archive, as fetched
+    images/<class>/...    url, local: the ImageFolder tree
+
+The folder is built in a temporary sibling and swapped in only when complete, so a failed
+download never leaves a half-written tree where the next stage would read it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from cnnlab.data.archive import safe_extract
+from cnnlab.data.fetch import ChecksumError, DownloadError, download
+from cnnlab.data.idx import FASHION_MNIST_FILES, payload_md5
+from cnnlab.io import staged_dir, write_json
+
+
+class SourceError(RuntimeError):
+    """The configured data source cannot be used; the message says what to change."""
+
+
+def _write_manifest(root: Path, info: dict[str, Any]) -> None:
+    write_json(root / "source.json", info)
+
+
+def fetch_fashion_mnist(
+    dest: Path, *, local_dir: Path, base_url: str, max_bytes: int, timeout_s: float
+) -> dict[str, Any]:
+    """Copy (or, when ``local_dir`` lacks them, download) the four IDX files and verify them."""
+    with staged_dir(dest) as tmp:
+        idx = tmp / "idx"
+        idx.mkdir()
+        origins = {}
+        for name, md5 in FASHION_MNIST_FILES.items():
+            target = idx / name
+            if (local_dir / name).is_file():
+                shutil.copyfile(local_dir / name, target)
+                origins[name] = str(local_dir / name)
+            else:
+                url = f"{base_url.rstrip('/')}/{name}"
+                try:
+                    download(url, target, sha256=None, max_bytes=max_bytes, timeout_s=timeout_s)
+                except DownloadError as exc:
+                    raise SourceError(
+                        f"Fashion-MNIST file {name} is not in {local_dir} and downloading it failed: {exc}\n"
+                        "Offline? Install Debian's package (`apt-get install dataset-fashion-mnist`, "
+                        "or `make data-deps`) or set download.fashion_mnist_dir to a folder holding the files."
+                    ) from None
+                origins[name] = url
+            actual = payload_md5(target)
+            if actual != md5:
+                raise ChecksumError(origins[name], md5, actual, algorithm="decompressed-payload md5")
+        info = {"source": "fashion_mnist", "format": "idx", "payload_md5": dict(FASHION_MNIST_FILES),
+                "origins": origins}
+        _write_manifest(tmp, info)
+    return info
+
+
+def fetch_url_archive(
+    dest: Path,
+    *,
+    url: str,
+    sha256: str,
+    max_bytes: int,
+    max_extracted_bytes: int,
+    max_members: int,
+    max_compression_ratio: float,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Download an archive of an ImageFolder tree, verify its sha256 and extract it safely."""
+    name = Path(urllib.parse.urlparse(url).path).name or "archive"
+    with staged_dir(dest) as tmp:
+        archive = tmp / "archive" / name
+        download(url, archive, sha256=sha256, max_bytes=max_bytes, timeout_s=timeout_s)
+        safe_extract(
+            archive,
+            tmp / "images",
+            max_members=max_members,
+            max_total_bytes=max_extracted_bytes,
+            max_compression_ratio=max_compression_ratio,
+        )
+        info = {"source": "url", "format": "image_folder", "url": url, "sha256": sha256.lower(),
+                "archive": f"archive/{name}"}
+        _write_manifest(tmp, info)
+    return info
+
+
+def copy_local_folder(dest: Path, *, folder: Path) -> dict[str, Any]:
+    """Snapshot a local ImageFolder tree so later stages never read outside the pipeline."""
+    if not folder.is_dir():
+        raise SourceError(
+            f"download.local_dir = {str(folder)!r} is not a folder; point it at a folder laid out as "
+            "<class>/<image> (or train/<class>/<image> + test/<class>/<image>)"
+        )
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "README.md"]
+    if not entries:
+        raise SourceError(
+            f"download.local_dir = {str(folder)!r} is empty; put one sub-folder of images per class in it"
+        )
+    with staged_dir(dest) as tmp:
+        # symlinks=False copies what links point at, so the snapshot holds no links out of the tree.
+        shutil.copytree(
+            folder, tmp / "images", symlinks=False,
+            ignore=shutil.ignore_patterns(".*", "__MACOSX", "README.md"),
+        )
+        info = {"source": "local", "format": "image_folder", "path": str(folder)}
+        _write_manifest(tmp, info)
+    return info
+
+
+def read_source_info(raw_dir: Path) -> dict[str, Any]:
+    """The ``source.json`` that the download stage wrote."""
+    path = raw_dir / "source.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"{path} not found: run the download stage first (`dvc repro download`)") from None
+

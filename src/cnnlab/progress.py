@@ -1,0 +1,18 @@
+"""Progress bars that suit both a terminal and a log file (DVC and CI capture stage output)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "img") -> Iterator[T]:
+    """A tqdm bar on stderr; redrawn at most every 0.2 s on a terminal, every 15 s in a log."""
+    interactive = sys.stderr.isatty()
+    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr,
+                     mininterval=0.2 if interactive else 15.0, dynamic_ncols=interactive))

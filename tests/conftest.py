@@ -1,0 +1,72 @@
+"""Shared fixtures: real image folders and tiny IDX datasets written at test time."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) in the IDX format, gzipped as the originals are."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_idx(tmp_path: Path) -> Path:
+    """A raw folder shaped like the download stage's Fashion-MNIST output: 10 classes, 12+6 per class."""
+    raw = tmp_path / "raw"
+    (raw / "idx").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, per_class in (("train", 12), ("t10k", 6)):
+        labels = np.repeat(np.arange(10), per_class)
+        rng.shuffle(labels)
+        # Each class gets its own brightness so a test can check labels travel with images.
+        images = (labels[:, None, None] * 20 + rng.integers(0, 10, (len(labels), 28, 28))).astype(np.uint8)
+        write_idx(raw / "idx" / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(raw / "idx" / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    (raw / "source.json").write_text('{"source": "fashion_mnist", "format": "idx"}')
+    return raw
+
+
+def make_image_folder(root: Path, classes: dict[str, int], *, size=(24, 20), mode="RGB", ext="png") -> Path:
+    """``root/<class>/<i>.<ext>``: real images whose colour encodes the class."""
+    for c, (name, n) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            colour = (40 * c + i) % 256
+            img = Image.new(mode, size, colour if mode == "L" else (colour, 255 - colour, 100))
+            img.save(root / name / f"{i:03d}.{ext}")
+    return root
+
+
+@pytest.fixture
+def static_server(tmp_path: Path):
+    """A real HTTP server on 127.0.0.1 serving a fresh folder; yields (folder, base_url)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    root = tmp_path / "served"
+    root.mkdir()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

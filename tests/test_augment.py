@@ -1,0 +1,85 @@
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab.config import AugmentParams
+from cnnlab.data.augment import augment_image, build_policy, preview_picks, run_augment
+from cnnlab.data.split import read_manifest, run_split
+
+
+@pytest.fixture
+def split_dir(tiny_idx: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "split"
+    run_split(tiny_idx, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=3,
+              max_val_per_class=1, max_test_per_class=1, max_image_pixels=10_000, max_side=None,
+              color_mode="auto")
+    return out
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_copies_manifest_and_preview(split_dir: Path, tmp_path: Path):
+    out, preview = tmp_path / "aug", tmp_path / "plots" / "preview.png"
+    summary = run_augment(split_dir, out, preview, policy=build_policy(AugmentParams()), copies=2, seed=1,
+                          preview_images=4)
+    assert summary == {"originals": 30, "copies_per_image": 2, "augmented_images": 60}
+    rows = read_manifest(out, "train")
+    assert len(rows) == 60
+    originals = {r["path"]: r for r in read_manifest(split_dir, "train")}
+    for r in rows:
+        src = originals[str(split_dir / r["source"])]
+        assert (r["label"], r["class"]) == (src["label"], src["class"])  # labels travel with copies
+        with Image.open(r["path"]) as im:
+            assert im.size == (28, 28) and im.mode == "L"
+    with Image.open(preview) as im:
+        assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(split_dir: Path, tmp_path: Path):
+    policy = build_policy(AugmentParams())
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        run_augment(split_dir, tmp_path / name, tmp_path / f"{name}.png", policy=policy, copies=2, seed=seed,
+                    preview_images=2)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_copies_actually_differ_from_the_original():
+    img = torch.arange(28 * 28, dtype=torch.int64).reshape(1, 28, 28).remainder(256).to(torch.uint8)
+    copies = augment_image(img, build_policy(AugmentParams(hflip=1.0)), seed=0, index=0, copies=3)
+    assert all(not torch.equal(c, img) for c in copies)
+    assert not torch.equal(copies[0], copies[1])
+
+
+@pytest.mark.parametrize("auto", ["none", "trivial_augment_wide", "auto_augment", "rand_augment"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_policy_option_runs_on_grey_and_colour(auto: str, channels: int):
+    p = AugmentParams(vflip=0.5, auto_augment=auto, random_erasing=1.0,
+                      color_jitter={"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.1})
+    img = torch.randint(0, 256, (channels, 32, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    (out,) = augment_image(img, build_policy(p), seed=0, index=0, copies=1)
+    assert out.shape == img.shape and out.dtype == torch.uint8
+
+
+def test_disabled_policy_is_identity():
+    p = AugmentParams(hflip=0.0, rotation=0.0, translate=0.0, scale=[1.0, 1.0], shear=0.0,
+                      color_jitter={}, random_erasing=0.0)
+    img = torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8)
+    assert all(torch.equal(c, img) for c in augment_image(img, build_policy(p), seed=0, index=0, copies=2))
+
+
+def test_preview_covers_every_class_first():
+    labels = [0] * 50 + [1] * 3 + [2] * 3
+    picks = preview_picks(labels, 3, seed=0)
+    assert sorted(labels[i] for i in picks) == [0, 1, 2]
+    assert len(preview_picks(labels, 100, seed=0)) == len(labels)

@@ -1,0 +1,160 @@
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlab.data.folders import LayoutError, scan_image_folder
+from cnnlab.data.images import IMAGE_EXTENSIONS
+from cnnlab.data.split import SplitError, read_manifest, run_split, stratified_split
+from conftest import make_image_folder
+
+NAMES = ["a", "b", "c"]
+
+
+def _split(labels, official=None, **kw):
+    args = dict(seed=1, val_fraction=0.2, test_fraction=0.2, caps={}, class_names=NAMES)
+    args.update(kw)
+    return stratified_split(np.asarray(labels), official or [None] * len(labels), **args)
+
+
+def test_stratified_disjoint_complete_and_balanced():
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    picks = _split(labels)
+    all_idx = np.concatenate(list(picks.values()))
+    assert len(all_idx) == len(set(all_idx.tolist())) == 100  # disjoint, nothing lost
+    for c, n in enumerate([50, 30, 20]):
+        assert (labels[picks["test"]] == c).sum() == round(0.2 * n)
+        assert (labels[picks["val"]] == c).sum() == round(0.2 * n)
+
+
+def test_same_seed_same_split_other_seed_other_split():
+    labels = np.repeat([0, 1, 2], 40)
+    a, b, c = _split(labels), _split(labels), _split(labels, seed=2)
+    assert all(np.array_equal(a[s], b[s]) for s in a)
+    assert not np.array_equal(a["train"], c["train"])
+
+
+def test_caps_limit_each_class_and_nest():
+    labels = np.repeat([0, 1, 2], 100)
+    small = _split(labels, caps={"train": 5, "val": 2, "test": 3})
+    big = _split(labels, caps={"train": 10, "val": 2, "test": 3})
+    assert [len(small[s]) for s in ("train", "val", "test")] == [15, 6, 9]
+    assert set(small["train"].tolist()) <= set(big["train"].tolist())
+
+
+def test_official_test_set_is_used_and_not_carved():
+    labels = np.repeat([0, 1, 2], 20)
+    official = ([None] * 15 + ["test"] * 5) * 3
+    picks = _split(labels, official, test_fraction=0.5)
+    test_marks = {official[i] for i in picks["test"]}
+    assert test_marks == {"test"} and len(picks["test"]) == 15
+    assert all(official[i] is None for i in np.concatenate([picks["train"], picks["val"]]))
+
+
+def test_too_small_class_is_a_clear_error():
+    labels = np.array([0] * 10 + [1] * 10 + [2] * 2)
+    with pytest.raises(SplitError, match="class 'c' has no usable image for the (val|test) split .2 usable in all."):
+        _split(labels)
+
+
+def test_scan_finds_classes_official_splits_and_unwraps_folders(tmp_path: Path):
+    root = tmp_path / "wrap" / "pizza_steak_sushi"
+    make_image_folder(root / "train", {"pizza": 3, "steak": 2})
+    make_image_folder(root / "test", {"pizza": 1, "steak": 1})
+    (root / "train" / "pizza" / "notes.txt").write_text("not an image")
+    classes, items, skipped = scan_image_folder(tmp_path / "wrap", IMAGE_EXTENSIONS)
+    assert classes == ["pizza", "steak"]
+    assert sorted({it.official_split for it in items}) == ["test", "train"]
+    assert len(items) == 7 and skipped == 1
+
+
+def test_scan_refuses_a_single_class(tmp_path: Path):
+    make_image_folder(tmp_path / "root", {"only": 3})
+    with pytest.raises(LayoutError, match="at least two"):
+        scan_image_folder(tmp_path / "root", IMAGE_EXTENSIONS)
+
+
+def _raw_folder(tmp_path: Path) -> Path:
+    raw = tmp_path / "raw"
+    make_image_folder(raw / "images", {"cat": 12, "dog": 12}, mode="L")
+    (raw / "source.json").write_text(json.dumps({"source": "local", "format": "image_folder"}))
+    return raw
+
+
+def _quarantine(out: Path) -> dict[str, str]:
+    with open(out / "quarantine.csv", newline="") as fh:
+        return {r["file"]: r["reason"] for r in csv.DictReader(fh)}
+
+
+def test_run_split_quarantines_bad_files_and_keeps_going(tmp_path: Path):
+    raw = _raw_folder(tmp_path)
+    cat = raw / "images" / "cat"
+    (cat / "empty.jpg").write_bytes(b"")
+    (cat / "text.jpg").write_text("hello, I am not a JPEG")
+    good = cat / "000.png"
+    shutil.copy(good, cat / "cut.png")
+    (cat / "cut.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    Image.new("RGB", (300, 300)).save(cat / "huge.png")
+    out = tmp_path / "split"
+    summary = run_split(raw, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=None,
+                        max_val_per_class=None, max_test_per_class=None, max_image_pixels=10_000,
+                        max_side=None, color_mode="auto")
+    q = _quarantine(out)
+    assert set(q) == {f"images/cat/{n}" for n in ("empty.jpg", "text.jpg", "cut.png", "huge.png")}
+    assert q["images/cat/empty.jpg"] == "empty file"
+    assert q["images/cat/huge.png"].startswith("too large")
+    assert summary["quarantined"] == 4
+    # the huge image was RGB, but it is quarantined, so the usable data is all grey
+    assert summary["color_mode"] == "L"
+    rows = [r for s in ("train", "val", "test") for r in read_manifest(out, s)]
+    assert len(rows) == 24 and summary["train_images"] + summary["val_images"] + summary["test_images"] == 24
+    for r in rows:
+        with Image.open(r["path"]) as im:
+            assert im.mode == "L" and im.size == (24, 20)
+    assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]
+
+
+def test_run_split_from_idx_keeps_labels_with_images(tiny_idx: Path, tmp_path: Path):
+    out = tmp_path / "split"
+    summary = run_split(tiny_idx, out, seed=3, val_fraction=0.25, test_fraction=0.15, max_train_per_class=5,
+                        max_val_per_class=2, max_test_per_class=4, max_image_pixels=10_000, max_side=None,
+                        color_mode="rgb")
+    assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (50, 20, 40)
+    for split in ("train", "val", "test"):
+        for r in read_manifest(out, split):
+            with Image.open(r["path"]) as im:
+                assert im.mode == "RGB"
+                # the fixture made class c's pixels 20*c .. 20*c+9
+                assert int(np.asarray(im).min()) // 20 == r["label"]
+            assert ("t10k" in r["source"]) == (split == "test")
+
+
+def test_run_split_is_deterministic_and_a_failure_keeps_the_old_output(tiny_idx: Path, tmp_path: Path):
+    kw = dict(seed=3, val_fraction=0.25, test_fraction=0.15, max_train_per_class=5, max_val_per_class=2,
+              max_test_per_class=4, max_image_pixels=10_000, max_side=None, color_mode="auto")
+    run_split(tiny_idx, tmp_path / "a", **kw)
+    run_split(tiny_idx, tmp_path / "b", **kw)
+    for name in ("train.csv", "val.csv", "test.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    before = (tmp_path / "a" / "train.csv").read_bytes()
+    (tiny_idx / "idx" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"broken")
+    with pytest.raises(Exception):
+        run_split(tiny_idx, tmp_path / "a", **kw)
+    assert (tmp_path / "a" / "train.csv").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_max_side_downscales_big_images(tmp_path: Path):
+    raw = tmp_path / "raw"
+    make_image_folder(raw / "images", {"x": 6, "y": 6}, size=(200, 100))
+    (raw / "source.json").write_text(json.dumps({"source": "local", "format": "image_folder"}))
+    out = tmp_path / "split"
+    run_split(raw, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=None,
+              max_val_per_class=None, max_test_per_class=None, max_image_pixels=10**6, max_side=50,
+              color_mode="auto")
+    with Image.open(read_manifest(out, "train")[0]["path"]) as im:
+        assert im.size == (50, 25) and im.mode == "RGB"
