@@ -16,8 +16,9 @@ setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements.lock
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
+	@echo "installing pinned packages into $(VENV) (first time: about 3 minutes)"
+	$(BIN)/pip install --disable-pip-version-check -qq -r requirements.lock
+	$(BIN)/pip install --disable-pip-version-check -qq --no-deps -e .
 	touch $@
 
 # The offline default dataset: Debian's dataset-fashion-mnist, when apt is here and we are root.

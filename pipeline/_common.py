@@ -14,7 +14,7 @@ def parse(description: str, *paths: str) -> tuple[argparse.Namespace, Params]:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--params", default="params.yaml", help="parameters file (default: %(default)s)")
     for name in paths:
-        ap.add_argument(f"--{name}", required=True, help=f"{name} path")
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True, help=f"{name} path")
     args = ap.parse_args()
     return args, load_params(args.params)
 

@@ -14,9 +14,8 @@ from cnnlab.io import write_json
 def main() -> None:
     args, params = parse(__doc__, "split", "out", "preview", "metrics")
     p = params.augment
-    policy = build_policy(p)
-    print(f"policy: {policy}")
-    summary = run_augment(Path(args.split), Path(args.out), Path(args.preview), policy=policy,
+    print(f"policy: {build_policy(p)}")
+    summary = run_augment(Path(args.split), Path(args.out), Path(args.preview), policy_params=p,
                           copies=p.copies, seed=params.base.seed, preview_images=p.preview_images)
     write_json(Path(args.metrics), summary)
     print(json.dumps(summary, indent=2))

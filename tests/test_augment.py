@@ -29,7 +29,7 @@ def _digest(folder: Path) -> str:
 
 def test_copies_manifest_and_preview(split_dir: Path, tmp_path: Path):
     out, preview = tmp_path / "aug", tmp_path / "plots" / "preview.png"
-    summary = run_augment(split_dir, out, preview, policy=build_policy(AugmentParams()), copies=2, seed=1,
+    summary = run_augment(split_dir, out, preview, policy_params=AugmentParams(), copies=2, seed=1,
                           preview_images=4)
     assert summary == {"originals": 30, "copies_per_image": 2, "augmented_images": 60}
     rows = read_manifest(out, "train")
@@ -45,9 +45,9 @@ def test_copies_manifest_and_preview(split_dir: Path, tmp_path: Path):
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(split_dir: Path, tmp_path: Path):
-    policy = build_policy(AugmentParams())
+    policy = AugmentParams()
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        run_augment(split_dir, tmp_path / name, tmp_path / f"{name}.png", policy=policy, copies=2, seed=seed,
+        run_augment(split_dir, tmp_path / name, tmp_path / f"{name}.png", policy_params=policy, copies=2, seed=seed,
                     preview_images=2)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")

@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import typing
+
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -8,21 +10,27 @@ from cnnlab.config import ConfigError, Params, load_params, parse_params
 from conftest import REPO
 
 
-def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+def _keys(model: type[BaseModel], data: dict, prefix: str = "") -> set[str]:
+    """Every leaf key the schema defines; dict-of-model fields expand over the keys ``data`` has."""
     out = set()
     for name, field in model.model_fields.items():
         ann = field.annotation
+        args = typing.get_args(ann)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out |= _keys(ann, f"{prefix}{name}.")
+            out |= _keys(ann, data.get(name, {}), f"{prefix}{name}.")
+        elif typing.get_origin(ann) is dict and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+            for key in data.get(name, {}):
+                out |= _keys(args[1], data[name][key], f"{prefix}{name}.{key}.")
         else:
             out.add(prefix + name)
     return out
 
 
-def _yaml_keys(data: dict, prefix: str = "") -> set[str]:
+def _yaml_keys(data: dict, prefix: str = "", leaf_dicts: tuple[str, ...] = ("train.arch_kwargs",)) -> set[str]:
     out = set()
     for k, v in data.items():
-        out |= _yaml_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        key = prefix + k
+        out |= _yaml_keys(v, f"{key}.") if isinstance(v, dict) and key not in leaf_dicts else {key}
     return out
 
 
@@ -34,7 +42,7 @@ def test_repo_params_file_is_valid_and_spells_out_every_key():
     # Every key has its value (and reason) in params.yaml, so code defaults never decide an output,
     # which is why dvc.yaml need not list config.py as a dependency.
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert _yaml_keys(raw) == _keys(Params)
+    assert _yaml_keys(raw) == _keys(Params, raw)
     assert params == Params()  # and the code's defaults agree with it
 
 
@@ -93,3 +101,18 @@ def test_bad_yaml_and_missing_file(tmp_path: Path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_params(bad)
+
+
+def test_unknown_key_inside_a_variant():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"variants": {"scratch": {"dropuot": 0.1}}})
+    assert "variants.scratch.dropuot: unknown key (allowed here: dropout, train_data, on_the_fly)" in str(err.value)
+
+
+def test_train_rules():
+    with pytest.raises(ConfigError, match="label_smoothing applies to cross_entropy only"):
+        parse_params({"train": {"loss": "focal", "label_smoothing": 0.1}})
+    with pytest.raises(ConfigError, match="train.optimizer = 'adagrad'"):
+        parse_params({"train": {"optimizer": "adagrad"}})
+    with pytest.raises(ConfigError, match="on_the_fly"):
+        parse_params({"variants": {"x": {"on_the_fly": True}}})

@@ -35,6 +35,7 @@ def _workspace(tmp_path: Path, **overrides: dict) -> Path:
 
 def _dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ws / "src")}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the stages' default: sqlite:///mlflow.db in the workspace
     return subprocess.run([BIN / "dvc", *args], cwd=ws, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -95,3 +96,31 @@ def test_local_source_with_bad_images_quarantines_them(tmp_path: Path):
     make_image_folder(ws / "data/local", {"cats": 7}, ext="jpg")
     again = _dvc(ws, "repro", "split")
     assert "Running stage 'download'" in again.stdout and "Running stage 'split'" in again.stdout
+
+
+def test_full_repro_trains_both_variants_into_mlflow_deterministically(tmp_path: Path):
+    import mlflow
+
+    ws = _workspace(tmp_path, **TINY, train={"epochs": 2, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}})
+    result = _dvc(ws, "repro")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shown = _dvc(ws, "metrics", "show", "--json")
+    metrics = json.loads(shown.stdout)
+    files = next(iter(metrics.values()))["data"]
+    assert {"data/metrics/scratch.json", "data/metrics/regularized.json"} <= set(files)
+    runs = {}
+    for variant in ("scratch", "regularized"):
+        run = json.loads((ws / f"data/models/{variant}/run.json").read_text())
+        runs[variant] = run["run_id"]
+        assert (ws / f"data/plots/{variant}/curves.png").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{ws}/mlflow.db")
+    for variant, run_id in runs.items():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["variant"] == variant
+        assert run.data.params["dropout"] == ("0.0" if variant == "scratch" else "0.5")
+        assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(run.data.metrics)
+
+    before = (ws / "data/metrics/scratch.json").read_bytes()
+    again = _dvc(ws, "repro", "--force", "train@scratch")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (ws / "data/metrics/scratch.json").read_bytes() == before

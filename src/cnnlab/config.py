@@ -8,7 +8,7 @@ work, with a message that names the key, the value and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -104,21 +104,76 @@ class AugmentParams(_Section):
         return self
 
 
+class TrainParams(_Section):
+    """The training engine's settings, shared by the from-scratch variants."""
+
+    arch: Annotated[str, Field(min_length=1)] = "simple_cnn"
+    arch_kwargs: dict[str, int | float | str | bool | list[int | str]] = {}
+    image_size: Annotated[int, Field(ge=8, le=1024)] = 28
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 40
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adamw"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0001
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    scheduler: Literal["none", "step", "cosine", "plateau", "onecycle"] = "cosine"
+    step_size: Annotated[int, Field(ge=1)] = 10
+    gamma: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = 10
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    focal_gamma: Annotated[float, Field(ge=0.0)] = 2.0
+    class_weights: Literal["none", "balanced"] = "none"
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = None
+    accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    init: Literal["default", "kaiming"] = "default"
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    channels_last: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _compatible(self) -> TrainParams:
+        if self.loss == "focal" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to cross_entropy only; set it to 0 with loss: focal")
+        return self
+
+
+class VariantParams(_Section):
+    """What distinguishes one from-scratch variant from another."""
+
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    train_data: Literal["data/split", "data/augmented"] = "data/split"
+    on_the_fly: bool = False
+
+    @model_validator(mode="after")
+    def _on_the_fly_needs_policy(self) -> VariantParams:
+        if self.on_the_fly and self.train_data != "data/augmented":
+            raise ValueError("on_the_fly augmentation uses the augment stage's policy: set train_data: data/augmented")
+        return self
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     download: DownloadParams = DownloadParams()
     split: SplitParams = SplitParams()
     augment: AugmentParams = AugmentParams()
+    train: TrainParams = TrainParams()
+    variants: dict[str, VariantParams] = {
+        "scratch": VariantParams(),
+        "regularized": VariantParams(dropout=0.5, train_data="data/augmented"),
+    }
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) if loc else "(top level)"
     if err["type"] == "extra_forbidden":
-        model: type[BaseModel] = Params
+        model: Any = Params
         for part in loc[:-1]:
-            ann = model.model_fields[part].annotation
-            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                model = model.model_fields[part].annotation
+            else:  # dict[str, Section]: this part is a user-chosen key such as a variant name
+                model = get_args(model)[1]
         allowed = ", ".join(model.model_fields)
         return f"{key}: unknown key (allowed here: {allowed})"
     if err["type"] == "value_error":  # our own cross-field rules: the message already says it all

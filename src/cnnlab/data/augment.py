@@ -8,6 +8,7 @@ Output folder (``data/augmented``)::
 
     images/<class>/<name>-aug<k>.png    copy k of each training image
     train.csv                           manifest: path, label, class, source (the original)
+    policy.json                         the augment params that made them
 
 plus a preview grid (originals beside their copies) at a path of the caller's choosing.
 """
@@ -28,7 +29,7 @@ from torchvision.transforms import v2  # noqa: E402
 
 from cnnlab.config import AugmentParams  # noqa: E402
 from cnnlab.data.split import MANIFEST_FIELDS, read_manifest  # noqa: E402
-from cnnlab.io import staged_dir, write_csv  # noqa: E402
+from cnnlab.io import staged_dir, write_csv, write_json  # noqa: E402
 from cnnlab.progress import progress  # noqa: E402
 
 _AUTO = {
@@ -118,10 +119,11 @@ def save_preview(path: Path, rows: Sequence[tuple[str, torch.Tensor, list[torch.
 
 
 def run_augment(
-    split_dir: Path, out_dir: Path, preview_path: Path, *, policy: v2.Compose, copies: int, seed: int,
+    split_dir: Path, out_dir: Path, preview_path: Path, *, policy_params: AugmentParams, copies: int, seed: int,
     preview_images: int,
 ) -> dict:
     """Write ``copies`` augmented versions of every training image plus a preview grid."""
+    policy = build_policy(policy_params)
     rows = read_manifest(split_dir, "train")
     preview_idx = preview_picks([r["label"] for r in rows], preview_images, seed)
     preview = []
@@ -146,6 +148,8 @@ def run_augment(
                 if i in preview_idx:
                     preview.append((row["class"], original, augmented[:6]))
             write_csv(tmp / "train.csv", MANIFEST_FIELDS, out_rows)
+            # The policy travels with its copies, so training can augment on the fly with it.
+            write_json(tmp / "policy.json", policy_params.model_dump())
     finally:
         torch.set_num_threads(threads)
     preview_path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,11 @@ file can be unusable becomes an `ImageDecodeError` whose `reason` goes into the 
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -43,36 +44,45 @@ def load_image(path: Path, *, max_pixels: int) -> Image.Image:
     """
     path = Path(path)
     with open(path, "rb") as fp:
-        if fp.seek(0, 2) == 0:
-            raise ImageDecodeError(path, "empty file")
-        fp.seek(0)
-        decoding = False
-        try:
-            # catch_warnings restores the filters on exit; Pillow's own limit stays a backstop.
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(fp, formats=_FORMATS) as im:
-                    width, height = im.size
-                    if width * height > max_pixels:
-                        raise ImageDecodeError(
-                            path,
-                            f"too large: {width}x{height} = {width * height} pixels"
-                            f" > limit {max_pixels}",
-                        )
-                    decoding = True
-                    im.load()  # decode every pixel now so truncation surfaces here
-                    decoding = False
-                    # exif_transpose always returns a new image, so the result is detached from fp.
-                    return _normalize(ImageOps.exif_transpose(im))
-        except ImageDecodeError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageDecodeError(path, f"too large: {_short(e)}") from None
-        except UnidentifiedImageError:
-            raise ImageDecodeError(path, "not an image (unrecognized format)") from None
-        except _PILLOW_ERRORS as e:
-            prefix = "truncated or corrupt" if decoding else "corrupt"
-            raise ImageDecodeError(path, f"{prefix}: {_short(e)}") from None
+        return _decode(fp, path, max_pixels)
+
+
+def load_image_bytes(data: bytes, *, max_pixels: int, name: str = "<request>") -> Image.Image:
+    """`load_image` for encoded bytes held in memory (an upload, an HTTP request body)."""
+    return _decode(io.BytesIO(data), Path(name), max_pixels)
+
+
+def _decode(fp: BinaryIO, path: Path, max_pixels: int) -> Image.Image:
+    if fp.seek(0, 2) == 0:
+        raise ImageDecodeError(path, "empty file")
+    fp.seek(0)
+    decoding = False
+    try:
+        # catch_warnings restores the filters on exit; Pillow's own limit stays a backstop.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp, formats=_FORMATS) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise ImageDecodeError(
+                        path,
+                        f"too large: {width}x{height} = {width * height} pixels"
+                        f" > limit {max_pixels}",
+                    )
+                decoding = True
+                im.load()  # decode every pixel now so truncation surfaces here
+                decoding = False
+                # exif_transpose always returns a new image, so the result is detached from fp.
+                return _normalize(ImageOps.exif_transpose(im))
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(path, f"too large: {_short(e)}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not an image (unrecognized format)") from None
+    except _PILLOW_ERRORS as e:
+        prefix = "truncated or corrupt" if decoding else "corrupt"
+        raise ImageDecodeError(path, f"{prefix}: {_short(e)}") from None
 
 
 def _short(e: BaseException) -> str:

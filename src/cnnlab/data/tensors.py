@@ -1,0 +1,85 @@
+"""Images decoded once into uint8 tensors at the model's input size: the fast data path.
+
+A split of 2,000 28x28 images is 1.5 MB as uint8, so every epoch indexes one tensor instead
+of opening files and running PIL per sample. The PNGs come from the split/augment stages, so
+they are already verified; `prepare` (shared with serving) does the resize.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from cnnlab.data.preprocess import Mode, prepare
+from cnnlab.data.split import read_manifest
+from cnnlab.progress import progress
+
+
+@dataclass
+class TensorSet:
+    """uint8 images (N, C, S, S) and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TrainSet(TensorSet):
+    """Training images with their augmented versions.
+
+    ``versions[i]`` lists the rows of ``images`` that show original image ``i`` (itself first,
+    then its augmented copies); each epoch draws one version per image, so an epoch costs the
+    same with or without augmentation.
+    """
+
+    versions: torch.Tensor  # (N_originals, 1 + copies) row indices into images
+
+
+def split_mode(split_dir: Path) -> Mode:
+    """The colour mode the split stage chose (all its PNGs share it)."""
+    with Image.open(read_manifest(split_dir, "train")[0]["path"]) as im:
+        return "L" if im.mode == "L" else "RGB"
+
+
+def split_classes(split_dir: Path) -> list[str]:
+    return json.loads((split_dir / "classes.json").read_text(encoding="utf-8"))
+
+
+def _load(rows: list[dict], *, mode: Mode, size: int, desc: str) -> TensorSet:
+    images = torch.empty((len(rows), 1 if mode == "L" else 3, size, size), dtype=torch.uint8)
+    for i, row in enumerate(progress(rows, desc=desc)):
+        with Image.open(row["path"]) as im:
+            images[i] = prepare(im, mode=mode, size=size)
+    return TensorSet(images, torch.tensor([r["label"] for r in rows], dtype=torch.int64))
+
+
+def load_split(split_dir: Path, split: str, *, mode: Mode, size: int) -> TensorSet:
+    return _load(read_manifest(split_dir, split), mode=mode, size=size, desc=f"load {split}")
+
+
+def load_train(split_dir: Path, augmented_dir: Path | None, *, mode: Mode, size: int) -> TrainSet:
+    """The split's training images, plus the augment stage's copies when ``augmented_dir`` is given."""
+    originals = read_manifest(split_dir, "train")
+    copies = read_manifest(augmented_dir, "train") if augmented_dir else []
+    index = {str(Path(r["path"]).relative_to(split_dir)): i for i, r in enumerate(originals)}
+    per_image: list[list[int]] = [[i] for i in range(len(originals))]
+    for j, row in enumerate(copies):
+        try:
+            per_image[index[row["source"]]].append(len(originals) + j)
+        except KeyError:
+            raise ValueError(
+                f"{augmented_dir}/train.csv row {j + 2} refers to {row['source']!r}, which is not in "
+                f"{split_dir}/train.csv: the augment stage is out of date, run `dvc repro`"
+            ) from None
+    width = {len(v) for v in per_image}
+    if len(width) != 1:
+        raise ValueError(f"{augmented_dir}: images have different numbers of augmented copies ({sorted(width)})")
+    data = _load(originals + copies, mode=mode, size=size, desc="load train")
+    return TrainSet(data.images, data.labels, torch.tensor(per_image, dtype=torch.int64))

@@ -1,0 +1,304 @@
+"""Training and evaluation loops over uint8 tensor sets.
+
+Read top to bottom: `fit` builds the optimizer, scheduler and loss, then for each epoch draws a
+seeded batch order, trains, evaluates on validation, keeps the best weights, checkpoints, and
+stops early when validation stops improving. A killed run restarts from its last checkpoint
+and ends bit-for-bit where an uninterrupted run would: batch order depends only on
+(seed, epoch), and the checkpoint holds every other piece of state, RNG included.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab.config import TrainParams
+from cnnlab.data.tensors import TensorSet, TrainSet
+from cnnlab.progress import progress
+
+Augment = Callable[[torch.Tensor], torch.Tensor]
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): down-weights easy examples by (1 - p_t) ** gamma."""
+
+    def __init__(self, gamma: float, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+        loss = -((1 - logp.exp()) ** self.gamma) * logp
+        if self.weight is not None:
+            w = self.weight[target]
+            return (loss * w).sum() / w.sum()
+        return loss.mean()
+
+
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """n / (k * n_c), the scikit-learn "balanced" rule: rare classes weigh more."""
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+    return len(labels) / (num_classes * counts)
+
+
+def make_criterion(cfg: TrainParams, weight: torch.Tensor | None) -> nn.Module:
+    if cfg.loss == "focal":
+        return FocalLoss(cfg.focal_gamma, weight)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def make_optimizer(params, cfg: TrainParams) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainParams, steps_per_epoch: int):
+    """(scheduler or None, when it steps: "epoch", "batch" or "val_loss")."""
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, cfg.step_size, cfg.gamma), "epoch"
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs), "epoch"
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.gamma, patience=max(1, cfg.step_size // 3)), "val_loss"
+    if cfg.scheduler == "onecycle":
+        total = cfg.epochs * math.ceil(steps_per_epoch / cfg.accumulation_steps)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total), "batch"
+    return None, "epoch"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU (AMX makes it 2-3x faster here) or fp16/bf16 on CUDA; fp32 = off."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision = 'fp16' needs CUDA; on CPU use 'bf16' or 'fp32'")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device,
+                   precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+    """Float32 logits for uint8 images, in batches, model in eval mode."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = _to_device(images[start:start + batch_size], device, channels_last)
+        with autocast(device, precision):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: nn.Module, data: TensorSet, *, batch_size: int, device: torch.device,
+             precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
+    """Plain cross-entropy and exact per-sample accuracy (not a mean of batch means)."""
+    logits = predict_logits(model, data.images, batch_size=batch_size, device=device, precision=precision,
+                            channels_last=channels_last)
+    loss = F.cross_entropy(logits, data.labels, reduction="sum").item()
+    correct = (logits.argmax(1) == data.labels).sum().item()
+    return {"loss": loss / len(data), "accuracy": correct / len(data)}
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The batch order of an epoch depends on (seed, epoch) alone, so a resumed run repeats it."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_accuracy: float
+    best_val_loss: float
+    stopped_early: bool
+    train_seconds: float
+    train_images_per_second: float
+    resumed_from_epoch: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path | None, fingerprint: str) -> dict | None:
+    """The checkpoint at ``path`` if it belongs to this exact run (same params and data), else None."""
+    if path is None or not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception as exc:  # unreadable or tampered: start over rather than trust it
+        print(f"ignoring checkpoint {path}: cannot be read safely ({type(exc).__name__})", file=sys.stderr)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        print(f"ignoring checkpoint {path}: it was made with other params or data", file=sys.stderr)
+        return None
+    return state
+
+
+def fit(
+    model: nn.Module,
+    train: TrainSet,
+    val: TensorSet,
+    cfg: TrainParams,
+    *,
+    seed: int,
+    checkpoint: Path | None = None,
+    fingerprint: str = "",
+    extra: dict | None = None,
+    augment: Augment | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place; on return it holds the best weights by validation accuracy.
+
+    ``extra`` (e.g. the MLflow run id) is stored in the checkpoint and handed back on resume.
+    ``augment`` is applied per sample to uint8 images when augmenting on the fly.
+    """
+    device = resolve_device(cfg.device)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    n = len(train.versions)
+    steps = math.ceil(n / cfg.batch_size)
+    originals = train.labels[train.versions[:, 0]]
+    weight = balanced_class_weights(originals, int(originals.max()) + 1) if cfg.class_weights == "balanced" else None
+    criterion = make_criterion(cfg, weight).to(device)
+    opt = make_optimizer(model.parameters(), cfg)
+    sched, sched_when = make_scheduler(opt, cfg, steps)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and device.type == "cuda" else None
+
+    history: list[dict[str, float]] = []
+    best = {"epoch": 0, "val_accuracy": -1.0, "val_loss": math.inf}
+    best_state = copy.deepcopy(model.state_dict())
+    bad_epochs, start, train_seconds, seen = 0, 1, 0.0, 0
+    state = load_checkpoint(checkpoint, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        best_state, best, history = state["best_state"], state["best"], state["history"]
+        bad_epochs, train_seconds, seen = state["bad_epochs"], state["train_seconds"], state["seen"]
+        torch.set_rng_state(state["rng"])
+        start = state["epoch"] + 1
+        extra = {**(extra or {}), **state.get("extra", {})}
+        print(f"resuming from {checkpoint} after epoch {state['epoch']}", file=sys.stderr)
+    resumed_from = start - 1
+
+    stopped_early = False
+    for epoch in range(start, cfg.epochs + 1):
+        if cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience:
+            stopped_early = True
+            break
+        model.train()
+        gen = epoch_generator(seed, epoch)
+        order = torch.randperm(n, generator=gen)
+        pick = torch.randint(0, train.versions.shape[1], (n,), generator=gen)
+        rows = train.versions[order, pick[order]]
+        loss_sum, correct = 0.0, 0
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for b in progress(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
+            idx = rows[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x, y = train.images[idx], train.labels[idx]
+            if augment is not None:
+                x = torch.stack([augment(img) for img in x])
+            x, y = _to_device(x, device, cfg.channels_last), y.to(device)
+            with autocast(device, cfg.precision):
+                logits = model(x)
+            loss = criterion(logits.float(), y)
+            group = min(cfg.accumulation_steps, steps - (b // cfg.accumulation_steps) * cfg.accumulation_steps)
+            (scaler.scale(loss / group) if scaler else loss / group).backward()
+            if (b + 1) % cfg.accumulation_steps == 0 or b + 1 == steps:
+                if scaler:
+                    scaler.unscale_(opt)
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                if sched is not None and sched_when == "batch":
+                    sched.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        seen += n
+        metrics = evaluate(model, val, batch_size=max(256, cfg.batch_size), device=device,
+                           precision=cfg.precision, channels_last=cfg.channels_last)
+        lr = opt.param_groups[0]["lr"]
+        if sched is not None and sched_when == "epoch":
+            sched.step()
+        elif sched is not None and sched_when == "val_loss":
+            sched.step(metrics["loss"])
+        row = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n,
+               "val_loss": metrics["loss"], "val_accuracy": metrics["accuracy"], "lr": lr,
+               "epoch_seconds": epoch_seconds}
+        history.append(row)
+        improved = row["val_accuracy"] > best["val_accuracy"] or (
+            row["val_accuracy"] == best["val_accuracy"] and row["val_loss"] < best["val_loss"])
+        if improved:
+            best = {"epoch": epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
+            best_state = copy.deepcopy(model.state_dict())
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        print(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
+              f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}"
+              f"{' *' if improved else ''}", file=sys.stderr)
+        if on_epoch is not None:
+            on_epoch(row)
+        if checkpoint is not None:
+            _atomic_save({
+                "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else {},
+                "best_state": best_state, "best": best, "history": history, "bad_epochs": bad_epochs,
+                "train_seconds": train_seconds, "seen": seen, "rng": torch.get_rng_state(),
+                "extra": extra or {},
+            }, checkpoint)
+
+    model.load_state_dict(best_state)
+    return FitResult(
+        history=history, best_epoch=best["epoch"], best_val_accuracy=best["val_accuracy"],
+        best_val_loss=best["val_loss"], stopped_early=stopped_early, train_seconds=train_seconds,
+        train_images_per_second=seen / train_seconds if train_seconds else 0.0,
+        resumed_from_epoch=resumed_from, extra=extra or {},
+    )

@@ -1,0 +1,1 @@
+"""Networks: the from-scratch zoo (`zoo`) and the `Classifier` wrapper that is saved and served."""

@@ -1,0 +1,31 @@
+"""Figures people would rather look at than read: training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # stages run headless
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_history(history: Sequence[dict[str, float]], path: Path, *, title: str, best_epoch: int | None = None) -> None:
+    """Loss and accuracy per epoch, train vs validation, the best epoch marked."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train", color="tab:blue")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation", color="tab:orange")
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_acc.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,278 @@
+"""The logged pyfunc, end to end: log into a real store, load it back, predict on real images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PyFuncModel
+from mlflow.pyfunc.scoring_server import invocations
+from PIL import Image
+from torch import nn
+
+from cnnlab.models.classifier import (
+    ModelSpec,
+    build_classifier,
+    load_classifier,
+    register_kind,
+    save_classifier,
+)
+from cnnlab.serving import log_classifier, predict_images
+from cnnlab.tracking import tracked_run
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog", "frog"]
+
+
+@register_kind("test_tiny")
+def _tiny(spec: ModelSpec) -> nn.Module:
+    pixels = spec.in_channels * spec.image_size**2
+    return nn.Sequential(nn.Flatten(), nn.Linear(pixels, spec.num_classes))
+
+
+def encode(mode: str, size: tuple[int, int], fmt: str, seed: int) -> bytes:
+    """Noise, so that different images get visibly different scores."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": (), "RGB": (3,), "RGBA": (4,)}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], *channels), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+IMAGES = [
+    encode("RGBA", (31, 17), "PNG", 1),
+    encode("L", (12, 40), "PNG", 2),
+    encode("RGB", (64, 48), "JPEG", 3),
+    encode("L", (9, 9), "JPEG", 4),
+    encode("RGB", (8, 8), "PNG", 5),
+]
+
+
+@dataclass
+class Logged:
+    spec: ModelSpec
+    model_dir: Path
+    model_uri: str
+    pyfunc: PyFuncModel
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Logged]]:
+    """One RGB and one L model, logged once per module (logging costs a few seconds)."""
+    root = tmp_path_factory.mktemp("serving")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.chdir(root)  # MLflow's default artifact root is ./mlruns: keep it out of the checkout
+        mp.setattr(sys, "path", list(sys.path))  # load_model prepends each model's code/ dir
+        out = {}
+        for mode in ("RGB", "L"):
+            spec = ModelSpec(
+                kind="test_tiny", arch="linear", classes=CLASSES, mode=mode, image_size=8,
+                mean=[0.5] * (3 if mode == "RGB" else 1), std=[0.25] * (3 if mode == "RGB" else 1),
+            )
+            torch.manual_seed(0)
+            model_dir = root / f"model_{mode}"
+            save_classifier(build_classifier(spec), spec, model_dir)
+            with tracked_run(experiment="serving", run_name=mode, tags={}, params={"mode": mode}):
+                info = log_classifier(
+                    model_dir, example_images=IMAGES[:3], registered_model_name=f"tiny-{mode}"
+                )
+            out[mode] = Logged(spec, model_dir, info.model_uri, mlflow.pyfunc.load_model(info.model_uri))
+        yield out
+
+
+def in_process(logged: Logged, images: list[bytes]) -> pd.DataFrame:
+    model, spec = load_classifier(logged.model_dir)
+    return predict_images(model, spec, images)
+
+
+def assert_same(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    assert got["label"].tolist() == want["label"].tolist()
+    assert got["label_id"].tolist() == want["label_id"].tolist()
+    np.testing.assert_allclose(
+        got["confidence"].to_numpy(float), want["confidence"].to_numpy(float), atol=1e-6
+    )
+    for g, w in zip(got["probabilities"], want["probabilities"]):
+        assert g.keys() == w.keys()
+        np.testing.assert_allclose(list(g.values()), list(w.values()), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_logged_model_predicts_like_in_process(logged: dict[str, Logged], mode: str) -> None:
+    out = logged[mode].pyfunc.predict(pd.DataFrame({"image": IMAGES}))
+    assert list(out.columns) == ["label", "label_id", "confidence", "probabilities"]
+    assert len(out) == len(IMAGES)
+    for _, row in out.iterrows():
+        probs = row["probabilities"]
+        assert list(probs) == CLASSES
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
+        assert row["label"] == CLASSES[row["label_id"]]
+        assert row["confidence"] == pytest.approx(max(probs.values())) == probs[row["label"]]
+    assert out["probabilities"].map(lambda p: tuple(p.values())).nunique() == len(IMAGES)
+    assert_same(out, in_process(logged[mode], IMAGES))
+
+
+def test_registered_name_loads_the_same_model(logged: dict[str, Logged]) -> None:
+    out = mlflow.pyfunc.load_model("models:/tiny-L/1").predict(pd.DataFrame({"image": IMAGES}))
+    assert_same(out, in_process(logged["L"], IMAGES))
+
+
+def test_base64_strings_and_other_containers_match_bytes(logged: dict[str, Logged]) -> None:
+    want = in_process(logged["RGB"], IMAGES)
+    b64 = [base64.b64encode(b).decode() for b in IMAGES]
+    wrapped = [base64.encodebytes(b).decode() for b in IMAGES]  # 76-column lines, as MLflow writes
+    model = logged["RGB"].pyfunc
+    assert_same(model.predict(pd.DataFrame({"image": b64})), want)
+    assert_same(model.predict(pd.DataFrame({"image": wrapped})), want)
+    assert_same(model.predict({"image": IMAGES}), want)
+    python_model = model.unwrap_python_model()  # MLflow's schema layer would reject a bare list
+    assert_same(python_model.predict(None, list(IMAGES)), want)
+
+
+def test_scoring_server_json_roundtrip(logged: dict[str, Logged]) -> None:
+    """What `mlflow models serve` answers: base64 in, plain JSON objects out."""
+    model = logged["RGB"].pyfunc
+
+    def serve(images: list[bytes]) -> object:
+        rows = [[base64.b64encode(b).decode()] for b in images]
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}})
+        return invocations(body, "application/json", model, model.metadata.get_input_schema())
+
+    response = serve(IMAGES)
+    assert response.status == 200
+    predictions = pd.DataFrame(json.loads(response.response)["predictions"])
+    assert_same(predictions, in_process(logged["RGB"], IMAGES))
+
+    with pytest.raises(MlflowException, match="row 0: not an image") as err:
+        serve([b"nope"])
+    # The server itself prefixes a repr of the request to our message (MLflow's doing), so only
+    # the status is checked here; our message alone is checked in the bad-row tests below.
+    assert err.value.get_http_status_code() == 400
+
+
+PNG = IMAGES[4]
+GARBAGE = b"GARBAGE-PAYLOAD-" * 8
+
+
+@pytest.mark.parametrize(
+    ("value", "row", "reason", "payload"),
+    [
+        (GARBAGE, 1, "not an image", GARBAGE[:16].decode()),
+        (PNG[: len(PNG) // 2], 1, "truncated or corrupt", base64.b64encode(PNG[8:40]).decode()),
+        ("@@not-base64@@", 1, "not valid base64", "@@not-base64@@"),
+        (None, 1, "expected image bytes", "IHDR"),  # nor the good row: no repr of the frame
+    ],
+    ids=["garbage", "truncated-png", "bad-base64", "none"],
+)
+def test_bad_rows_name_the_row_not_the_payload(
+    logged: dict[str, Logged], value: object, row: int, reason: str, payload: str
+) -> None:
+    frame = pd.DataFrame({"image": pd.Series([PNG, value], dtype=object)})
+    with pytest.raises(MlflowException) as err:
+        logged["RGB"].pyfunc.predict(frame)
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert err.value.message.startswith(f"row {row}: {reason}")
+    assert payload not in err.value.message
+    assert len(err.value.message) < 200
+
+
+def test_missing_column_and_empty_input_are_rejected(logged: dict[str, Logged]) -> None:
+    model = logged["RGB"].pyfunc
+    python_model = model.unwrap_python_model()
+    empty = pd.DataFrame({"image": pd.Series([], dtype=object)})
+    cases = {
+        "missing column 'image'": pd.DataFrame({"img": [GARBAGE]}),
+        "no images": empty,
+    }
+    for message, frame in cases.items():
+        # Our own check, with our short message:
+        with pytest.raises(MlflowException, match=message) as err:
+            python_model.predict(None, frame)
+        assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert "GARBAGE" not in err.value.message
+        # Through pyfunc MLflow's schema check may answer first, with its own (same-code) error.
+        with pytest.raises(MlflowException) as err:
+            model.predict(frame)
+        assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException, match="no images"):
+        predict_images(*load_classifier(logged["L"].model_dir), [])
+
+
+def test_logged_model_ships_code_weights_and_pins(logged: dict[str, Logged]) -> None:
+    local = Path(mlflow.artifacts.download_artifacts(logged["RGB"].model_uri))
+    shipped = [
+        "code/cnnlab/__init__.py",
+        "code/cnnlab/serving.py",
+        "code/cnnlab/models/classifier.py",
+        "code/cnnlab/data/images.py",
+        "artifacts/model_RGB/weights.pt",
+        "artifacts/model_RGB/spec.json",
+    ]
+    for part in shipped:
+        assert (local / part).is_file(), part
+    assert not list(local.rglob("__pycache__"))
+    requirements = (local / "requirements.txt").read_text()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    assert f"mlflow=={mlflow.__version__}" in requirements
+    signature = mlflow.models.get_model_info(logged["RGB"].model_uri).signature
+    assert signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
+    outputs = {c["name"]: c["type"] for c in signature.outputs.to_dict()}
+    assert outputs == {
+        "label": "string", "label_id": "long", "confidence": "double", "probabilities": "map"
+    }
+    assert (local / "serving_input_example.json").is_file()
+
+
+FRESH = """
+import base64, importlib.util, json, sys
+from pathlib import Path
+checkout_src = Path(sys.argv[3]).resolve()
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != checkout_src]  # undo the editable install
+assert importlib.util.find_spec("cnnlab") is None, "cnnlab still importable from the checkout"
+import mlflow, pandas as pd, yaml
+local = Path(mlflow.artifacts.download_artifacts(sys.argv[1]))
+flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+# The test's model kind is defined only in the test, so register it on the shipped package
+# (the same code/ dir load_model puts on sys.path) before loading.
+sys.path.insert(0, str(local / flavor["code"]))
+from torch import nn
+import cnnlab
+from cnnlab.models.classifier import register_kind
+register_kind("test_tiny")(
+    lambda s: nn.Sequential(nn.Flatten(), nn.Linear(s.in_channels * s.image_size**2, s.num_classes))
+)
+model = mlflow.pyfunc.load_model(sys.argv[1])
+images = [base64.b64decode(s) for s in json.loads(Path(sys.argv[2]).read_text())]
+out = model.predict(pd.DataFrame({"image": images}))
+result = {"cnnlab": cnnlab.__file__, "local": str(local), "predictions": out.to_dict("records")}
+print(json.dumps(result))
+"""
+
+
+def test_fresh_process_without_the_checkout(logged: dict[str, Logged], tmp_path: Path) -> None:
+    images_file = tmp_path / "images.json"
+    images_file.write_text(json.dumps([base64.b64encode(b).decode() for b in IMAGES]))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")  # the module's store, set by `logged`
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH, logged["RGB"].model_uri, str(images_file), str(REPO / "src")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(result["cnnlab"]).is_relative_to(Path(result["local"]) / "code")
+    assert_same(pd.DataFrame(result["predictions"]), in_process(logged["RGB"], IMAGES))
