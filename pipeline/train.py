@@ -20,17 +20,19 @@ def main() -> None:
     if args.train_data != v.train_data:
         raise ConfigError(f"--train-data {args.train_data} disagrees with variants.{args.variant}.train_data")
     split_dir = Path(args.split)
+    cfg = params.train.model_copy(update={"epochs": v.epochs or params.train.epochs})
     result = train_variant(
         variant=args.variant,
         split_dir=split_dir,
         augmented_dir=None if Path(args.train_data) == split_dir else Path(args.train_data),
         on_the_fly=v.on_the_fly,
         dropout=v.dropout,
-        cfg=params.train,
+        cfg=cfg,
         seed=params.base.seed,
         experiment=params.base.experiment,
-        logged_params={"seed": params.base.seed, "variant": args.variant, "train": params.train.model_dump(),
-                       **{k: val for k, val in v.model_dump().items()}},
+        # What this run actually used: the shared train section with the variant's overrides.
+        logged_params={"seed": params.base.seed, "variant": args.variant, "train": cfg.model_dump(),
+                       **v.model_dump(exclude={"epochs"})},
         out=TrainOutputs(model_dir=Path(args.model), metrics=Path(args.metrics), history=Path(args.history),
                          curves=Path(args.curves), checkpoint=Path(args.checkpoint)),
     )

@@ -106,7 +106,7 @@ def test_bad_yaml_and_missing_file(tmp_path: Path):
 def test_unknown_key_inside_a_variant():
     with pytest.raises(ConfigError) as err:
         parse_params({"variants": {"scratch": {"dropuot": 0.1}}})
-    assert "variants.scratch.dropuot: unknown key (allowed here: dropout, train_data, on_the_fly)" in str(err.value)
+    assert "variants.scratch.dropuot: unknown key (allowed here: dropout, train_data, on_the_fly, epochs)" in str(err.value)
 
 
 def test_train_rules():

@@ -117,7 +117,8 @@ def test_full_repro_trains_both_variants_into_mlflow_deterministically(tmp_path:
     for variant, run_id in runs.items():
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags["variant"] == variant
-        assert run.data.params["dropout"] == ("0.0" if variant == "scratch" else "0.5")
+        expected = yaml.safe_load((ws / "params.yaml").read_text())["variants"][variant]["dropout"]
+        assert run.data.params["dropout"] == str(expected)
         assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(run.data.metrics)
 
     before = (ws / "data/metrics/scratch.json").read_bytes()

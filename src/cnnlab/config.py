@@ -119,7 +119,7 @@ class TrainParams(_Section):
     scheduler: Literal["none", "step", "cosine", "plateau", "onecycle"] = "cosine"
     step_size: Annotated[int, Field(ge=1)] = 10
     gamma: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    early_stopping_patience: Annotated[int, Field(ge=1)] | None = 10
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = 20
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     focal_gamma: Annotated[float, Field(ge=0.0)] = 2.0
@@ -144,6 +144,7 @@ class VariantParams(_Section):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     train_data: Literal["data/split", "data/augmented"] = "data/split"
     on_the_fly: bool = False
+    epochs: Annotated[int, Field(ge=1, le=10_000)] | None = None  # None: train.epochs
 
     @model_validator(mode="after")
     def _on_the_fly_needs_policy(self) -> VariantParams:
@@ -160,7 +161,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     variants: dict[str, VariantParams] = {
         "scratch": VariantParams(),
-        "regularized": VariantParams(dropout=0.5, train_data="data/augmented"),
+        "regularized": VariantParams(dropout=0.3, train_data="data/augmented", epochs=100),
     }
 
 

@@ -67,7 +67,9 @@ def make_optimizer(params, cfg: TrainParams) -> torch.optim.Optimizer:
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for the whole update instead of several per tensor; measured here, 18%
+    # more training images/s for simple_cnn on CPU (3,095 vs 2,621).
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainParams, steps_per_epoch: int):
@@ -91,7 +93,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU (AMX makes it 2-3x faster here) or fp16/bf16 on CUDA; fp32 = off."""
+    """bf16 autocast on CPU or fp16/bf16 on CUDA; fp32 = off.
+
+    On this project's CPU machines (AVX512-BF16, no AMX) bf16 + channels_last trained 1.2-1.3x
+    faster than fp32 + channels_last (bench/train_throughput.py); on CPUs with AMX the gain is larger.
+    """
     if precision == "fp32":
         return nullcontext()
     if precision == "fp16" and device.type != "cuda":
