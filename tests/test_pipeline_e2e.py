@@ -107,7 +107,7 @@ def test_full_repro_trains_both_variants_into_mlflow_deterministically(tmp_path:
     shown = _dvc(ws, "metrics", "show", "--json")
     metrics = json.loads(shown.stdout)
     files = next(iter(metrics.values()))["data"]
-    assert {"data/metrics/scratch.json", "data/metrics/regularized.json"} <= set(files)
+    assert {"data/metrics/scratch.json", "data/metrics/regularized.json", "data/metrics/feature_extract.json"} <= set(files)
     runs = {}
     for variant in ("scratch", "regularized"):
         run = json.loads((ws / f"data/models/{variant}/run.json").read_text())

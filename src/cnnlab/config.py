@@ -153,6 +153,36 @@ class VariantParams(_Section):
         return self
 
 
+class HeadParams(_Section):
+    """How the head on top of a frozen backbone trains (the engine's settings, a subset)."""
+
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 100
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adamw"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0001
+    scheduler: Literal["none", "step", "cosine", "plateau", "onecycle"] = "cosine"
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = 20
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class FeatureExtractParams(_Section):
+    backbone: Annotated[str, Field(min_length=1)] = "efficientnet_lite0"
+    weights: str | None = "default"
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 128
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    channels_last: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    head_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    head_hidden: Annotated[int, Field(ge=1)] | None = None
+    head: HeadParams = HeadParams()
+
+    def head_train_params(self) -> TrainParams:
+        """The engine config for the head: vectors in, so fp32 and no channels_last."""
+        return TrainParams(**self.head.model_dump(), precision="fp32", channels_last=False, device=self.device)
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     download: DownloadParams = DownloadParams()
@@ -163,6 +193,7 @@ class Params(_Section):
         "scratch": VariantParams(),
         "regularized": VariantParams(dropout=0.3, train_data="data/augmented", epochs=100),
     }
+    feature_extract: FeatureExtractParams = FeatureExtractParams()
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from cnnlab.config import AugmentParams, TrainParams
 from cnnlab.data.augment import build_policy
 from cnnlab.data.split import read_manifest
 from cnnlab.data.tensors import load_split, load_train, split_classes, split_mode
-from cnnlab.engine import fit, load_checkpoint
+from cnnlab.engine import FitResult, fit, load_checkpoint
 from cnnlab.io import write_csv, write_json
 from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
 from cnnlab.models.zoo import init_weights
@@ -93,31 +93,53 @@ def train_variant(
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
                                                     step=int(row["epoch"])),
         )
-        model.to("cpu").to(memory_format=torch.contiguous_format)
-        save_classifier(model, spec, out.model_dir)
-        write_csv(out.history, HISTORY_FIELDS, result.history)
-        plot_history(result.history, out.curves, title=f"{variant}: {cfg.arch}, dropout {dropout:g}",
-                     best_epoch=result.best_epoch)
-        # The DVC metrics hold only what the params and data determine, so a re-run on the same
-        # machine reproduces the file byte for byte; timings go to MLflow only.
-        metrics = {
-            "val_accuracy": result.best_val_accuracy,
-            "val_loss": round(result.best_val_loss, 6),
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "stopped_early": result.stopped_early,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }
-        timing = {"train_seconds": result.train_seconds, "train_images_per_second": result.train_images_per_second}
-        mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_val_loss": result.best_val_loss,
-                            "best_epoch": result.best_epoch, "epochs_run": len(result.history), **timing})
-        mlflow.log_artifact(str(out.history), "plots")
-        mlflow.log_artifact(str(out.curves), "plots")
-        examples = [Path(r["path"]).read_bytes() for r in read_manifest(split_dir, "val")[:2]]
-        info = log_classifier(out.model_dir, example_images=examples)
-        run_info = {"run_id": run.info.run_id, "experiment": experiment, "model_uri": info.model_uri,
-                    "variant": variant}
-        write_json(out.model_dir / "run.json", run_info)
-    write_json(out.metrics, metrics)
+        metrics, timing, run_info = record_variant(
+            run, variant=variant, model=model, spec=spec, result=result, out=out, split_dir=split_dir,
+            experiment=experiment, title=f"{variant}: {cfg.arch}, dropout {dropout:g}")
     out.checkpoint.unlink(missing_ok=True)
     return {**metrics, **timing, **run_info, "spec": asdict(spec)}
+
+
+def record_variant(
+    run: mlflow.ActiveRun,
+    *,
+    variant: str,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    result: FitResult,
+    out: TrainOutputs,
+    split_dir: Path,
+    experiment: str,
+    title: str,
+    extra_metrics: dict[str, float] | None = None,
+) -> tuple[dict[str, Any], dict[str, float], dict[str, str]]:
+    """Everything a finished variant leaves behind, the same for every variant: the saved model,
+    history CSV, curves, DVC metrics, and in the active MLflow run the summary metrics, plots
+    and the serving pyfunc. Returns (DVC metrics, timings, run info)."""
+    model.to("cpu").to(memory_format=torch.contiguous_format)
+    save_classifier(model, spec, out.model_dir)
+    write_csv(out.history, HISTORY_FIELDS, result.history)
+    plot_history(result.history, out.curves, title=title, best_epoch=result.best_epoch)
+    # The DVC metrics hold only what the params and data determine, so a re-run on the same
+    # machine reproduces the file byte for byte; timings go to MLflow only.
+    metrics = {
+        "val_accuracy": result.best_val_accuracy,
+        "val_loss": round(result.best_val_loss, 6),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    timing = {"train_seconds": result.train_seconds, "train_images_per_second": result.train_images_per_second,
+              **(extra_metrics or {})}
+    mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_val_loss": result.best_val_loss,
+                        "best_epoch": result.best_epoch, "epochs_run": len(result.history), **timing})
+    mlflow.log_artifact(str(out.history), "plots")
+    mlflow.log_artifact(str(out.curves), "plots")
+    examples = [Path(r["path"]).read_bytes() for r in read_manifest(split_dir, "val")[:2]]
+    info = log_classifier(out.model_dir, example_images=examples)
+    run_info = {"run_id": run.info.run_id, "experiment": experiment, "model_uri": info.model_uri,
+                "variant": variant}
+    write_json(out.model_dir / "run.json", run_info)
+    write_json(out.metrics, metrics)
+    return metrics, timing, run_info

@@ -77,6 +77,7 @@ def build_classifier(spec: ModelSpec) -> Classifier:
 
 
 def _import_builtin_kinds() -> None:
+    import cnnlab.models.backbones  # noqa: F401  (registers "backbone")
     import cnnlab.models.zoo  # noqa: F401  (registers "zoo")
 
 

@@ -1,0 +1,76 @@
+"""feature_extract on tiny real data with the real offline EfficientNet-Lite0 weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+
+from cnnlab.config import HeadParams, TrainParams
+from cnnlab.data.split import read_manifest, run_split
+from cnnlab.training import TrainOutputs
+from cnnlab.transfer import FeatureExtractConfig, feature_extract
+
+HEAD = TrainParams(**HeadParams(epochs=5, early_stopping_patience=None).model_dump(), precision="fp32",
+                   channels_last=False)
+FX = FeatureExtractConfig(backbone="efficientnet_lite0", weights="default", image_size=32, extract_batch_size=32,
+                          precision="bf16", channels_last=True, head_dropout=0.5, head_hidden=None)
+
+
+@pytest.fixture
+def split_dir(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("CNNLAB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "split"
+    run_split(tiny_idx, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=6,
+              max_val_per_class=3, max_test_per_class=2, max_image_pixels=10_000, max_side=None, color_mode="auto")
+    return out
+
+
+def _run(split_dir: Path, root: Path, fx: FeatureExtractConfig = FX):
+    out = TrainOutputs(model_dir=root / "model", metrics=root / "metrics.json", history=root / "history.csv",
+                       curves=root / "curves.png", checkpoint=root / "ckpt.pt")
+    return feature_extract(split_dir=split_dir, cache_dir=root / "features", fx=fx, head_cfg=HEAD, seed=0,
+                           experiment="t", logged_params={"variant": "feature_extract"}, out=out), out
+
+
+def test_features_once_head_trained_model_serves_raw_images(split_dir: Path, tmp_path: Path):
+    result, out = _run(split_dir, tmp_path / "a")
+    feats = torch.load(tmp_path / "a/features/train.pt", weights_only=True)
+    assert feats["features"].shape == (60, 1280) and feats["labels"].shape == (60,)
+    assert result["extract_images_per_second"] > 0
+    # the head trained on cached features and the re-assembled image model agree
+    assert abs(result["combined_model_val_accuracy"] - result["val_accuracy"]) <= 0.05
+    run = mlflow.MlflowClient().get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["variant"] == "feature_extract"
+    assert json.loads(out.metrics.read_text())["epochs_run"] == 5
+    model = mlflow.pyfunc.load_model(result["model_uri"])
+    rows = read_manifest(split_dir, "val")[:4]
+    pred = model.predict(pd.DataFrame({"image": [Path(r["path"]).read_bytes() for r in rows]}))
+    assert len(pred) == 4 and pred["probabilities"].map(lambda p: abs(sum(p.values()) - 1) < 1e-6).all()
+
+
+def test_cached_features_are_reused_until_the_backbone_input_changes(split_dir: Path, tmp_path: Path, capsys):
+    _run(split_dir, tmp_path / "a")
+    first = (tmp_path / "a/features/val.pt").read_bytes()
+    again, _ = _run(split_dir, tmp_path / "a")
+    assert again["extract_images_per_second"] == 0 and "reusing cached features" in capsys.readouterr().out
+    assert (tmp_path / "a/features/val.pt").read_bytes() == first
+    bigger, _ = _run(split_dir, tmp_path / "a", FeatureExtractConfig(**{**FX.__dict__, "image_size": 40}))
+    assert bigger["extract_images_per_second"] > 0  # a new size means new features
+
+
+def test_offline_without_weights_is_a_clear_error(split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    from cnnlab.models.backbones import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError, match="resnet18"):
+        _run(split_dir, tmp_path / "b", FeatureExtractConfig(**{**FX.__dict__, "backbone": "resnet18"}))
+    # refused before any MLflow run was opened: nothing half-done in the store
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_experiment_by_name("t") is None
