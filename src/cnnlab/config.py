@@ -183,6 +183,28 @@ class FeatureExtractParams(_Section):
         return TrainParams(**self.head.model_dump(), precision="fp32", channels_last=False, device=self.device)
 
 
+class FineTuneParams(_Section):
+    train_data: Literal["data/split", "data/augmented"] = "data/split"
+    unfreeze_blocks: Annotated[int, Field(ge=1, le=100)] = 5
+    block_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3
+    unfreeze_every: Annotated[int, Field(ge=0)] = 0
+    train_bn: bool = False
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 8
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adamw"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.0003
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0001
+    scheduler: Literal["none", "step", "cosine", "plateau", "onecycle"] = "cosine"
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = 5
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    channels_last: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def train_params(self) -> TrainParams:
+        return TrainParams(**self.model_dump(exclude={"train_data", "unfreeze_blocks", "block_lr_decay",
+                                                      "unfreeze_every", "train_bn"}))
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     download: DownloadParams = DownloadParams()
@@ -194,6 +216,7 @@ class Params(_Section):
         "regularized": VariantParams(dropout=0.3, train_data="data/augmented", epochs=100),
     }
     feature_extract: FeatureExtractParams = FeatureExtractParams()
+    fine_tune: FineTuneParams = FineTuneParams()
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:

@@ -82,7 +82,8 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainParams, steps_per_epoch
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.gamma, patience=max(1, cfg.step_size // 3)), "val_loss"
     if cfg.scheduler == "onecycle":
         total = cfg.epochs * math.ceil(steps_per_epoch / cfg.accumulation_steps)
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total), "batch"
+        peaks = [g["lr"] for g in opt.param_groups]  # per group, so discriminative rates survive
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, total_steps=total), "batch"
     return None, "epoch"
 
 
@@ -189,11 +190,16 @@ def fit(
     extra: dict | None = None,
     augment: Augment | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    param_groups: list[dict] | None = None,
+    before_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best weights by validation accuracy.
 
     ``extra`` (e.g. the MLflow run id) is stored in the checkpoint and handed back on resume.
     ``augment`` is applied per sample to uint8 images when augmenting on the fly.
+    ``param_groups`` (optimizer groups with their own "lr") give discriminative learning rates;
+    ``before_epoch(epoch, model)`` runs after ``model.train()``, e.g. to unfreeze blocks or keep
+    frozen BatchNorm layers in eval mode. It must depend on the epoch alone, so resuming works.
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -204,7 +210,7 @@ def fit(
     originals = train.labels[train.versions[:, 0]]
     weight = balanced_class_weights(originals, int(originals.max()) + 1) if cfg.class_weights == "balanced" else None
     criterion = make_criterion(cfg, weight).to(device)
-    opt = make_optimizer(model.parameters(), cfg)
+    opt = make_optimizer(param_groups if param_groups is not None else model.parameters(), cfg)
     sched, sched_when = make_scheduler(opt, cfg, steps)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and device.type == "cuda" else None
 
@@ -232,6 +238,8 @@ def fit(
             stopped_early = True
             break
         model.train()
+        if before_epoch is not None:
+            before_epoch(epoch, model)
         gen = epoch_generator(seed, epoch)
         order = torch.randperm(n, generator=gen)
         pick = torch.randint(0, train.versions.shape[1], (n,), generator=gen)
@@ -254,7 +262,7 @@ def fit(
                 if scaler:
                     scaler.unscale_(opt)
                 if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
                 if scaler:
                     scaler.step(opt)
                     scaler.update()

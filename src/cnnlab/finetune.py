@@ -1,0 +1,116 @@
+"""The `fine_tune` stage: the feature_extract model (backbone + its trained head, never a random
+head) with the top N backbone blocks unfrozen, trained at discriminative learning rates.
+
+Why each rule: a random head would send large gradients into pretrained blocks and wreck them,
+so fine-tuning starts from the trained head; the head learns fastest, the top blocks slower and
+lower blocks slower still (each block down gets ``block_lr_decay`` times the rate above it);
+BatchNorm layers in frozen blocks stay in eval mode so their ImageNet statistics are not
+overwritten by small batches of a different domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from torch import nn
+
+from cnnlab.config import TrainParams
+from cnnlab.data.tensors import load_split, load_train
+from cnnlab.engine import fit, load_checkpoint
+from cnnlab.models.backbones import create_backbone
+from cnnlab.models.classifier import Classifier, load_classifier
+from cnnlab.tracking import params_hash, tracked_run
+from cnnlab.training import TrainOutputs, _files_digest, record_variant
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    unfreeze_blocks: int  # top N of the backbone's blocks
+    block_lr_decay: float  # lr of block k from the top = lr * decay ** k (head: lr)
+    unfreeze_every: int  # gradual unfreezing: one more block every this many epochs; 0 = all at once
+    train_bn: bool = False  # False: every BatchNorm keeps its ImageNet statistics (the lesson's advice)
+
+
+def active_blocks(top: list[str], epoch: int, every: int) -> list[str]:
+    """Blocks trainable in ``epoch`` (1-based): all of ``top`` at once, or one more every ``every``."""
+    if every <= 0:
+        return top
+    return top[: min(len(top), 1 + (epoch - 1) // every)]
+
+
+def param_groups(clf: Classifier, top: list[str], *, lr: float, decay: float) -> list[dict]:
+    """Head at ``lr``; ``top[k]`` (k = 0 is the block nearest the head) at ``lr * decay ** (k + 1)``."""
+    groups = [{"params": list(clf.net.head.parameters()), "lr": lr, "name": "head"}]
+    for k, name in enumerate(top):
+        params = list(clf.net.features.get_submodule(name).parameters())
+        if params:
+            groups.append({"params": params, "lr": lr * decay ** (k + 1), "name": name})
+    return groups
+
+
+def make_before_epoch(top: list[str], every: int, train_bn: bool):
+    """Freeze all but this epoch's active blocks; BatchNorm layers of frozen blocks (all of them
+    unless ``train_bn``) stay in eval mode."""
+
+    def before_epoch(epoch: int, model: nn.Module) -> None:
+        features = model.net.features
+        active = set(active_blocks(top, epoch, every))
+        for p in features.parameters():
+            p.requires_grad_(False)
+        for name in top:
+            block = features.get_submodule(name)
+            for p in block.parameters():
+                p.requires_grad_(name in active)
+        for module_name, module in features.named_modules():
+            in_active = any(module_name == a or module_name.startswith(a + ".") for a in active)
+            if isinstance(module, _BN) and not (train_bn and in_active):
+                module.eval()
+
+    return before_epoch
+
+
+def fine_tune(
+    *, split_dir: Path, augmented_dir: Path | None, start_model: Path, ft: FineTuneConfig, cfg: TrainParams,
+    seed: int, experiment: str, logged_params: dict[str, Any], out: TrainOutputs,
+) -> dict[str, Any]:
+    """Unfreeze the top blocks of the feature_extract model and train; one MLflow run."""
+    torch.manual_seed(seed)
+    clf, spec = load_classifier(start_model)
+    if spec.kind != "backbone":
+        raise ValueError(f"{start_model}: fine_tune starts from a backbone model (feature_extract), got {spec.kind!r}")
+    _, info = create_backbone(spec.arch, weights=None)  # block names only
+    if not 1 <= ft.unfreeze_blocks <= len(info.blocks):
+        raise ValueError(f"fine_tune.unfreeze_blocks = {ft.unfreeze_blocks}: {spec.arch} has "
+                         f"{len(info.blocks)} blocks ({', '.join(info.blocks)})")
+    top = list(reversed(info.blocks))[: ft.unfreeze_blocks]  # nearest the head first
+    train = load_train(split_dir, augmented_dir, mode=spec.mode, size=spec.image_size)
+    val = load_split(split_dir, "val", mode=spec.mode, size=spec.image_size)
+
+    manifests = [split_dir / "train.csv", split_dir / "val.csv", start_model / "weights.pt"]
+    if augmented_dir is not None:
+        manifests.append(augmented_dir / "train.csv")
+    fingerprint = params_hash({"params": logged_params, "data": _files_digest(*manifests)})
+    previous = load_checkpoint(out.checkpoint, fingerprint)
+    with tracked_run(experiment=experiment, run_name="fine_tune", tags={"variant": "fine_tune", "stage": "fine_tune"},
+                     params=logged_params, run_id=previous["extra"].get("run_id") if previous else None) as run:
+        result = fit(
+            clf, train, val, cfg, seed=seed, checkpoint=out.checkpoint, fingerprint=fingerprint,
+            extra={"run_id": run.info.run_id},
+            param_groups=param_groups(clf, top, lr=cfg.lr, decay=ft.block_lr_decay),
+            before_epoch=make_before_epoch(top, ft.unfreeze_every, ft.train_bn),
+            on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                                                    step=int(row["epoch"])),
+        )
+        for p in clf.parameters():
+            p.requires_grad_(True)
+        metrics, timing, run_info = record_variant(
+            run, variant="fine_tune", model=clf, spec=spec, result=result, out=out, split_dir=split_dir,
+            experiment=experiment, title=f"fine_tune: {spec.arch}, top {ft.unfreeze_blocks} blocks")
+    out.checkpoint.unlink(missing_ok=True)
+    return {**metrics, **timing, **run_info, "unfrozen": top}

@@ -1,0 +1,130 @@
+"""fine_tune on tiny real data, starting from a real feature_extract model (offline weights)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from cnnlab.config import FineTuneParams
+from cnnlab.engine import load_checkpoint
+from cnnlab.finetune import FineTuneConfig, active_blocks, fine_tune, param_groups
+from cnnlab.models.classifier import load_classifier
+from cnnlab.training import TrainOutputs
+from test_transfer import _run, split_dir  # noqa: F401  (fixture)
+
+CFG = FineTuneParams(epochs=2, batch_size=16, early_stopping_patience=None, lr=0.001).train_params()
+FT = FineTuneConfig(unfreeze_blocks=2, block_lr_decay=0.3, unfreeze_every=0, train_bn=True)
+
+
+def _outs(root: Path) -> TrainOutputs:
+    return TrainOutputs(model_dir=root / "model", metrics=root / "metrics.json", history=root / "history.csv",
+                        curves=root / "curves.png", checkpoint=root / "ckpt.pt")
+
+
+@pytest.fixture
+def start(split_dir: Path, tmp_path: Path) -> Path:  # noqa: F811
+    _run(split_dir, tmp_path / "fx")
+    return tmp_path / "fx" / "model"
+
+
+def test_only_the_top_blocks_and_head_change(split_dir: Path, start: Path, tmp_path: Path):  # noqa: F811
+    before, spec = load_classifier(start)
+    result = fine_tune(split_dir=split_dir, augmented_dir=None, start_model=start, ft=FT, cfg=CFG, seed=0,
+                       experiment="t", logged_params={"variant": "fine_tune"}, out=_outs(tmp_path / "ft"))
+    after, _ = load_classifier(tmp_path / "ft" / "model")
+    assert result["unfrozen"] == ["bn2", "conv_head"]  # nearest the head first
+    b, a = before.state_dict(), after.state_dict()
+    top = result["unfrozen"]
+    changed = {k for k in b if not torch.equal(b[k], a[k])}
+    assert any(k.startswith("net.head.") for k in changed)
+    assert any(k.startswith(f"net.features.{top[-1]}.") for k in changed)
+    frozen = [k for k in b if k.startswith("net.features.") and not any(k.startswith(f"net.features.{t}") for t in top)]
+    assert frozen and not (changed & set(frozen))  # lower blocks, BN statistics included, untouched
+    assert mlflow.MlflowClient().get_run(result["run_id"]).info.status == "FINISHED"
+
+
+def test_learning_rates_fall_from_head_to_lower_blocks(start: Path):
+    clf, _ = load_classifier(start)
+    groups = param_groups(clf, ["conv_head", "blocks.6", "blocks.5"], lr=1e-3, decay=0.3)
+    assert [g["name"] for g in groups] == ["head", "conv_head", "blocks.6", "blocks.5"]
+    lrs = [g["lr"] for g in groups]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] == 1e-3 and abs(lrs[2] - 9e-5) < 1e-12
+
+
+def test_gradual_unfreezing_schedule():
+    top = ["a", "b", "c"]
+    assert active_blocks(top, 1, 0) == top
+    assert [active_blocks(top, e, 2) for e in (1, 2, 3, 5, 9)] == [["a"], ["a"], ["a", "b"], top, top]
+
+
+def test_refuses_to_start_from_a_non_backbone_model(split_dir: Path, tmp_path: Path):  # noqa: F811
+    from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
+
+    spec = ModelSpec(kind="zoo", arch="tinyvgg", classes=["a", "b"], mode="L", image_size=28, mean=[0.5], std=[0.5])
+    save_classifier(build_classifier(spec), spec, tmp_path / "zoo")
+    with pytest.raises(ValueError, match="starts from a backbone model"):
+        fine_tune(split_dir=split_dir, augmented_dir=None, start_model=tmp_path / "zoo", ft=FT, cfg=CFG, seed=0,
+                  experiment="t", logged_params={}, out=_outs(tmp_path / "x"))
+
+
+RESUME = """
+import sys, json, time
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import cnnlab.engine as engine
+from cnnlab.config import FineTuneParams
+from cnnlab.finetune import FineTuneConfig, fine_tune
+from cnnlab.training import TrainOutputs
+slow = float(sys.argv[2])
+real = engine.evaluate
+def evaluate(*a, **k):
+    time.sleep(slow); return real(*a, **k)
+engine.evaluate = evaluate
+root = Path(sys.argv[1])
+out = TrainOutputs(model_dir=root / "model", metrics=root / "metrics.json", history=root / "history.csv",
+                   curves=root / "curves.png", checkpoint=root / "ckpt.pt")
+cfg = FineTuneParams(epochs=4, batch_size=16, early_stopping_patience=None, lr=0.001).train_params()
+r = fine_tune(split_dir=Path({split!r}), augmented_dir=None, start_model=Path({start!r}),
+              ft=FineTuneConfig(2, 0.3, 1, True), cfg=cfg, seed=0, experiment="t",
+              logged_params={{"variant": "fine_tune"}}, out=out)
+print(json.dumps({{"run_id": r["run_id"]}}))
+"""
+
+
+def test_killed_fine_tune_resumes_to_the_same_metrics_in_the_same_run(split_dir: Path, start: Path, tmp_path: Path):  # noqa: F811,E501
+    script = tmp_path / "ft.py"
+    script.write_text(RESUME.format(tests=str(Path(__file__).parent), split=str(split_dir), start=str(start)))
+    env = {**__import__("os").environ}
+    full = subprocess.run([sys.executable, str(script), str(tmp_path / "full"), "0"], capture_output=True, text=True,
+                          env=env)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), "3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 180
+    while time.time() < deadline and (load_checkpoint(killed / "ckpt.pt", _fp(killed)) or {}).get("epoch", 0) < 1:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert (killed / "ckpt.pt").exists() and not (killed / "metrics.json").exists()
+    resumed = subprocess.run([sys.executable, str(script), str(killed), "0"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    assert (tmp_path / "full/metrics.json").read_text() == (killed / "metrics.json").read_text()
+    run_id = json.loads(resumed.stdout.strip().splitlines()[-1])["run_id"]
+    assert len(mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")) == 4  # one run, every epoch
+
+
+def _fp(root: Path) -> str | None:
+    """The fingerprint stored in a checkpoint (the test cannot recompute it cheaply)."""
+    try:
+        return torch.load(root / "ckpt.pt", map_location="cpu", weights_only=True)["fingerprint"]
+    except Exception:
+        return None
