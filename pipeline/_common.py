@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnnlab.config import ConfigError, Params, load_params
+
+if TYPE_CHECKING:
+    from cnnlab.training import TrainOutputs
 
 
 def parse(description: str, *paths: str) -> tuple[argparse.Namespace, Params]:
@@ -26,3 +31,11 @@ def run(main: Callable[[], None], *expected: type[BaseException]) -> None:
     except (ConfigError, *expected) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+def train_outputs(args: argparse.Namespace) -> TrainOutputs:
+    """The outputs every training stage writes, from its --model/--metrics/... options."""
+    from cnnlab.training import TrainOutputs
+
+    return TrainOutputs(model_dir=Path(args.model), metrics=Path(args.metrics), history=Path(args.history),
+                        curves=Path(args.curves), checkpoint=Path(args.checkpoint))

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _common import parse, run
+from _common import parse, run, train_outputs
 
 from cnnlab.models.backbones import WeightsUnavailableError
-from cnnlab.training import TrainOutputs
 from cnnlab.transfer import FeatureExtractConfig, feature_extract
 
 
@@ -26,8 +25,7 @@ def main() -> None:
         seed=params.base.seed,
         experiment=params.base.experiment,
         logged_params={"seed": params.base.seed, "variant": "feature_extract", **p.model_dump()},
-        out=TrainOutputs(model_dir=Path(args.model), metrics=Path(args.metrics), history=Path(args.history),
-                         curves=Path(args.curves), checkpoint=Path(args.checkpoint)),
+        out=train_outputs(args),
     )
     print(json.dumps({k: result[k] for k in ("val_accuracy", "best_epoch", "epochs_run",
                                              "extract_images_per_second", "combined_model_val_accuracy",

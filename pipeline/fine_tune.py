@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _common import parse, run
+from _common import parse, run, train_outputs
 
 from cnnlab.config import ConfigError
 from cnnlab.finetune import FineTuneConfig, fine_tune
-from cnnlab.training import TrainOutputs
 
 
 def main() -> None:
@@ -29,8 +28,7 @@ def main() -> None:
         seed=params.base.seed,
         experiment=params.base.experiment,
         logged_params={"seed": params.base.seed, "variant": "fine_tune", **p.model_dump()},
-        out=TrainOutputs(model_dir=Path(args.model), metrics=Path(args.metrics), history=Path(args.history),
-                         curves=Path(args.curves), checkpoint=Path(args.checkpoint)),
+        out=train_outputs(args),
     )
     print(json.dumps({k: result[k] for k in ("val_accuracy", "best_epoch", "epochs_run", "train_seconds",
                                              "unfrozen", "run_id", "model_uri")}, indent=2))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _common import parse, run
+from _common import parse, run, train_outputs
 
 from cnnlab.config import ConfigError
-from cnnlab.training import TrainOutputs, train_variant
+from cnnlab.training import train_variant
 
 
 def main() -> None:
@@ -33,8 +33,7 @@ def main() -> None:
         # What this run actually used: the shared train section with the variant's overrides.
         logged_params={"seed": params.base.seed, "variant": args.variant, "train": cfg.model_dump(),
                        **v.model_dump(exclude={"epochs"})},
-        out=TrainOutputs(model_dir=Path(args.model), metrics=Path(args.metrics), history=Path(args.history),
-                         curves=Path(args.curves), checkpoint=Path(args.checkpoint)),
+        out=train_outputs(args),
     )
     print(json.dumps({k: result[k] for k in ("val_accuracy", "best_epoch", "epochs_run", "train_seconds",
                                              "run_id", "model_uri")}, indent=2))

@@ -153,8 +153,8 @@ class VariantParams(_Section):
         return self
 
 
-class HeadParams(_Section):
-    """How the head on top of a frozen backbone trains (the engine's settings, a subset)."""
+class _LoopParams(_Section):
+    """The training-loop settings that the transfer stages expose (a subset of TrainParams)."""
 
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 100
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
@@ -163,6 +163,11 @@ class HeadParams(_Section):
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0001
     scheduler: Literal["none", "step", "cosine", "plateau", "onecycle"] = "cosine"
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = 20
+
+
+class HeadParams(_LoopParams):
+    """How the head on top of a frozen backbone trains."""
+
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
@@ -183,7 +188,7 @@ class FeatureExtractParams(_Section):
         return TrainParams(**self.head.model_dump(), precision="fp32", channels_last=False, device=self.device)
 
 
-class FineTuneParams(_Section):
+class FineTuneParams(_LoopParams):
     train_data: Literal["data/split", "data/augmented"] = "data/split"
     unfreeze_blocks: Annotated[int, Field(ge=1, le=100)] = 5
     block_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3
@@ -191,10 +196,7 @@ class FineTuneParams(_Section):
     train_bn: bool = False
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 8
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
-    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adamw"
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.0003
-    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0001
-    scheduler: Literal["none", "step", "cosine", "plateau", "onecycle"] = "cosine"
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = 5
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     channels_last: bool = True
