@@ -24,7 +24,7 @@ from cnnlab.engine import fit, load_checkpoint
 from cnnlab.models.backbones import create_backbone
 from cnnlab.models.classifier import Classifier, load_classifier
 from cnnlab.tracking import params_hash, tracked_run
-from cnnlab.training import TrainOutputs, _files_digest, record_variant
+from cnnlab.training import TrainOutputs, files_digest, record_variant
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -95,7 +95,7 @@ def fine_tune(
     manifests = [split_dir / "train.csv", split_dir / "val.csv", start_model / "weights.pt"]
     if augmented_dir is not None:
         manifests.append(augmented_dir / "train.csv")
-    fingerprint = params_hash({"params": logged_params, "data": _files_digest(*manifests)})
+    fingerprint = params_hash({"params": logged_params, "data": files_digest(*manifests)})
     previous = load_checkpoint(out.checkpoint, fingerprint)
     with tracked_run(experiment=experiment, run_name="fine_tune", tags={"variant": "fine_tune", "stage": "fine_tune"},
                      params=logged_params, run_id=previous["extra"].get("run_id") if previous else None) as run:

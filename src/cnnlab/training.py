@@ -37,7 +37,7 @@ class TrainOutputs:
     checkpoint: Path  # last-epoch state for resuming; removed when the stage succeeds
 
 
-def _files_digest(*paths: Path) -> str:
+def files_digest(*paths: Path) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.read_bytes())
@@ -81,7 +81,7 @@ def train_variant(
     manifests = [split_dir / "train.csv", split_dir / "val.csv"]
     if augmented_dir is not None:
         manifests.append(augmented_dir / "train.csv")
-    fingerprint = params_hash({"params": logged_params, "data": _files_digest(*manifests)})
+    fingerprint = params_hash({"params": logged_params, "data": files_digest(*manifests)})
     previous = load_checkpoint(out.checkpoint, fingerprint)
     resume_run = previous["extra"].get("run_id") if previous else None
 

@@ -21,7 +21,7 @@ from cnnlab.engine import evaluate, fit, predict_logits, resolve_device
 from cnnlab.models.backbones import build_pretrained_classifier, create_backbone
 from cnnlab.models.classifier import Classifier, ModelSpec
 from cnnlab.tracking import params_hash, tracked_run
-from cnnlab.training import TrainOutputs, _files_digest, record_variant
+from cnnlab.training import TrainOutputs, files_digest, record_variant
 
 SPLITS = ("train", "val", "test")
 
@@ -106,7 +106,7 @@ def feature_extract(
                          dropout=fx.head_dropout, hidden=fx.head_hidden)
     clf = build_pretrained_classifier(spec)
     device = resolve_device(head_cfg.device)
-    data_key = _files_digest(*(split_dir / f"{s}.csv" for s in SPLITS))
+    data_key = files_digest(*(split_dir / f"{s}.csv" for s in SPLITS))
     key = params_hash({"backbone": fx.backbone, "weights": fx.weights, "size": fx.image_size,
                        "precision": fx.precision, "data": data_key})
     sets, extract_rate = cached_features(clf, split_dir, cache_dir, mode=spec.mode, size=spec.image_size, key=key,
