@@ -20,10 +20,8 @@ import gzip
 import lzma
 import os
 import re
-import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -31,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from cnnlab.io import staged_dir
 
 __all__ = ["UnsafeArchiveError", "safe_extract"]
 
@@ -80,16 +80,10 @@ def safe_extract(
     try:
         with _reader(archive, max_members, max_compression_ratio) as members:
             entries = _plan(archive, members, max_total_bytes)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-            try:
+            with staged_dir(dest) as tmp:
                 # mkdtemp makes it 0700; the final folder should be as readable as its parent.
                 os.chmod(tmp, stat.S_IMODE(dest.parent.stat().st_mode) & 0o777)
                 files = _write(archive, entries, tmp, max_total_bytes)
-                _swap_in(tmp, dest)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
     except _CORRUPT as exc:
         raise UnsafeArchiveError(
             f"{archive} is corrupt or truncated ({type(exc).__name__}: {exc}); download it again"
@@ -302,20 +296,3 @@ def _write(archive: Path, entries: list[_Entry], root: Path, max_total_bytes: in
         files.append(e.rel)
     return files
 
-
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """Replace ``dest`` with ``tmp`` so that a crash midway never loses the old tree silently."""
-    if not os.path.lexists(dest):
-        os.replace(tmp, dest)
-        return
-    old = Path(f"{tmp}.old")
-    os.replace(dest, old)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
