@@ -207,6 +207,21 @@ class FineTuneParams(_LoopParams):
                                                       "unfreeze_every", "train_bn"}))
 
 
+class EvaluateParams(_Section):
+    variants: Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]], Field(min_length=1)] = [
+        "scratch", "regularized", "feature_extract", "fine_tune"]
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 256
+    bootstrap_samples: Annotated[int, Field(ge=100, le=1_000_000)] = 2000
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
+    ensemble: bool = True
+    misclassified: Annotated[int, Field(ge=0, le=400)] = 36
+
+
+class RegisterParams(_Section):
+    model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200)] = "cnnlab-classifier"
+    alias: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", max_length=100)] = "champion"
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     download: DownloadParams = DownloadParams()
@@ -219,6 +234,8 @@ class Params(_Section):
     }
     feature_extract: FeatureExtractParams = FeatureExtractParams()
     fine_tune: FineTuneParams = FineTuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register: RegisterParams = RegisterParams()
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
