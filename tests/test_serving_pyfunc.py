@@ -157,11 +157,55 @@ def test_scoring_server_json_roundtrip(logged: dict[str, Logged]) -> None:
     predictions = pd.DataFrame(json.loads(response.response)["predictions"])
     assert_same(predictions, in_process(logged["RGB"], IMAGES))
 
-    with pytest.raises(MlflowException, match="row 0: not an image") as err:
-        serve([b"nope"])
-    # The server itself prefixes a repr of the request to our message (MLflow's doing), so only
-    # the status is checked here; our message alone is checked in the bad-row tests below.
+    bad = b"\x00GARBAGE-PAYLOAD\x00"
+    with pytest.raises(MlflowException) as err:
+        serve([IMAGES[0], bad])
+    # The server prefixes a repr of the request to `message`; what it sends is the JSON below.
+    assert "GARBAGE" in err.value.message
     assert err.value.get_http_status_code() == 400
+    body = json.loads(err.value.serialize_as_json())
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert body["message"] == "row 1: not an image (unrecognized format)"
+    assert "stack_trace" not in body
+
+
+def test_inputs_and_instances_forms_match_dataframe_split(logged: dict[str, Logged]) -> None:
+    """MLflow hands these forms over as the base64 text cast to bytes, not decoded."""
+    model = logged["RGB"].pyfunc
+    want = in_process(logged["RGB"], IMAGES)
+    b64 = [base64.b64encode(b).decode() for b in IMAGES]
+    schema = model.metadata.get_input_schema()
+    bodies = [
+        {"inputs": {"image": b64}},
+        {"inputs": b64},
+        {"instances": [{"image": s} for s in b64]},
+        {"instances": b64},
+        {"dataframe_records": [{"image": s} for s in b64]},
+    ]
+    for body in bodies:
+        response = invocations(json.dumps(body), "application/json", model, schema)
+        assert response.status == 200, body.keys()
+        assert_same(pd.DataFrame(json.loads(response.response)["predictions"]), want)
+
+
+def test_unexpected_failure_is_a_500_without_traceback(
+    logged: dict[str, Logged], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = logged["RGB"].pyfunc
+    python_model = model.unwrap_python_model()
+
+    def broken(batch: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("SECRET-INTERNAL-DETAIL")
+
+    monkeypatch.setattr(python_model, "_model", broken)
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(PNG).decode()]]}})
+    with pytest.raises(MlflowException) as err:
+        invocations(body, "application/json", model, model.metadata.get_input_schema())
+    assert err.value.get_http_status_code() == 500
+    assert isinstance(err.value.__cause__, RuntimeError)  # kept for in-process callers and the log
+    sent = err.value.serialize_as_json()
+    assert "SECRET" not in sent and "Traceback" not in sent and "stack_trace" not in sent
+    assert json.loads(sent)["message"].startswith("internal error while classifying")
 
 
 PNG = IMAGES[4]
@@ -199,15 +243,13 @@ def test_missing_column_and_empty_input_are_rejected(logged: dict[str, Logged]) 
         "no images": empty,
     }
     for message, frame in cases.items():
-        # Our own check, with our short message:
-        with pytest.raises(MlflowException, match=message) as err:
-            python_model.predict(None, frame)
-        assert err.value.error_code == "INVALID_PARAMETER_VALUE"
-        assert "GARBAGE" not in err.value.message
-        # Through pyfunc MLflow's schema check may answer first, with its own (same-code) error.
-        with pytest.raises(MlflowException) as err:
-            model.predict(frame)
-        assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+        # The column is optional in the signature, so MLflow's schema check (whose error quotes
+        # the input) lets both through and our own check answers, directly and through pyfunc.
+        for predict in (lambda f: python_model.predict(None, f), model.predict):
+            with pytest.raises(MlflowException, match=message) as err:
+                predict(frame)
+            assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+            assert "GARBAGE" not in err.value.message and "img" not in err.value.message
     with pytest.raises(MlflowException, match="no images"):
         predict_images(*load_classifier(logged["L"].model_dir), [])
 
@@ -225,11 +267,14 @@ def test_logged_model_ships_code_weights_and_pins(logged: dict[str, Logged]) -> 
     for part in shipped:
         assert (local / part).is_file(), part
     assert not list(local.rglob("__pycache__"))
+    # Logged as code, not pickled: MLflow runs the shipped entry file to build the pyfunc.
+    assert (local / "pyfunc_model.py").is_file() and not list(local.rglob("*.pkl"))
     requirements = (local / "requirements.txt").read_text()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements
     assert f"mlflow=={mlflow.__version__}" in requirements
     signature = mlflow.models.get_model_info(logged["RGB"].model_uri).signature
-    assert signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
+    # Optional on paper only (see cnnlab.serving.INPUT_SCHEMA); predict requires it.
+    assert signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": False}]
     outputs = {c["name"]: c["type"] for c in signature.outputs.to_dict()}
     assert outputs == {
         "label": "string", "label_id": "long", "confidence": "double", "probabilities": "map"
@@ -276,3 +321,24 @@ def test_fresh_process_without_the_checkout(logged: dict[str, Logged], tmp_path:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(result["cnnlab"]).is_relative_to(Path(result["local"]) / "code")
     assert_same(pd.DataFrame(result["predictions"]), in_process(logged["RGB"], IMAGES))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_large_uploads_get_the_pixels_the_split_stage_gave(mode: str) -> None:
+    """A raw photo larger than split.max_side is shrunk as the split stage shrinks its images, so
+    serving it gives exactly the scores of its stored split copy."""
+    from cnnlab.data.images import convert_mode, downscale, load_image_bytes
+
+    spec = ModelSpec(kind="test_tiny", arch="x", classes=CLASSES, mode=mode, image_size=16, mean=[0.5] * (
+        1 if mode == "L" else 3), std=[0.25] * (1 if mode == "L" else 3))
+    torch.manual_seed(0)
+    model = build_classifier(spec).eval()
+    photo = encode("RGB", (1200, 700), "JPEG", 7)
+    # What split writes (colour conversion, shrink to max_side, PNG) and training later reads.
+    stored = io.BytesIO()
+    downscale(convert_mode(load_image_bytes(photo, max_pixels=10**8), mode), 512).save(stored, "PNG")
+    want = predict_images(model, spec, [stored.getvalue()])
+    got = predict_images(model, spec, [photo], max_side=512)
+    assert got["probabilities"][0] == pytest.approx(want["probabilities"][0], abs=1e-9)
+    unshrunk = predict_images(model, spec, [photo])
+    assert unshrunk["probabilities"][0] != pytest.approx(want["probabilities"][0], abs=1e-9)

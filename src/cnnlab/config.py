@@ -217,7 +217,7 @@ class EvaluateParams(_Section):
     misclassified: Annotated[int, Field(ge=0, le=400)] = 36
 
 
-class RegisterParams(_Section):
+class RegistryParams(_Section):
     model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200)] = "cnnlab-classifier"
     alias: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", max_length=100)] = "champion"
 
@@ -235,7 +235,7 @@ class Params(_Section):
     feature_extract: FeatureExtractParams = FeatureExtractParams()
     fine_tune: FineTuneParams = FineTuneParams()
     evaluate: EvaluateParams = EvaluateParams()
-    register: RegisterParams = RegisterParams()
+    registry: RegistryParams = RegistryParams()
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:

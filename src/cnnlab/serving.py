@@ -5,15 +5,34 @@ the same pixels as evaluation did. Input: a DataFrame with an ``image`` column o
 bytes (PNG, JPEG, ...) or base64 strings. Output, one row per image: ``label`` (class name),
 ``label_id``, ``confidence`` (the top probability) and ``probabilities`` (a dict class name ->
 probability; the signature declares it as ``Map(double)``, and `mlflow models serve` writes it as
-a JSON object). A bad input is an `MlflowException` with INVALID_PARAMETER_VALUE, which the
-scoring server answers with HTTP 400; messages name the row and reason, never the payload.
+a JSON object).
+
+Bad requests get an HTTP 400 whose JSON ``message`` names the row and the reason, never the
+payload and never a stack trace. That takes two precautions against MLflow's scoring server
+(mlflow/pyfunc/scoring_server, MLflow 3.x), which rewrites the ``message`` of any
+`MlflowException` raised while predicting to ``"Failed to predict data '<repr of the input>'.
+Error: ..."`` (the repr shows part of the request) and answers any other exception with a
+``stack_trace``:
+
+* every failure inside ``predict`` leaves it as a `ServingError`, whose JSON carries the message
+  it was raised with, whatever the server did to ``message``;
+* MLflow's own schema check, which runs before ``predict`` and fails the same way, is given
+  nothing to fail on (see `INPUT_SCHEMA`); ``predict`` does the checking instead.
+
+What the server rejects before the model is involved is answered in MLflow's words: for
+``dataframe_*`` requests it base64-decodes the column itself, so a value that is not base64 (or
+is null, or a number) gets its short, payload-free "Failed to convert column image ..." 400; for
+malformed JSON and bodies without one of its input keys see `log_classifier`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
+import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,17 +45,22 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Map
 
 import cnnlab
-from cnnlab.data.images import ImageDecodeError, load_image_bytes
+from cnnlab.data.images import ImageDecodeError, convert_mode, downscale, load_image_bytes
 from cnnlab.data.preprocess import prepare
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
 
 IMAGE_COLUMN = "image"
-INPUT_SCHEMA = Schema([ColSpec(DataType.binary, IMAGE_COLUMN)])
+# The split stage's default max_image_pixels: serve what the pipeline itself would accept.
+DEFAULT_MAX_PIXELS = 40_000_000
+# Optional on paper only: MLflow checks required columns before `predict` runs, and its
+# "missing inputs" error reaches the client with the request's contents (see the module
+# docstring). Optional, a missing column reaches `predict`, which refuses it in a short message.
+INPUT_SCHEMA = Schema([ColSpec(DataType.binary, IMAGE_COLUMN, required=False)])
 OUTPUT_SCHEMA = Schema(
     [
         ColSpec(DataType.string, "label"),
@@ -46,13 +70,55 @@ OUTPUT_SCHEMA = Schema(
     ]
 )
 _REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "mlflow")
+# Models-from-code: MLflow copies this file into the model and runs it to build the pyfunc.
+_ENTRY_POINT = Path(__file__).with_name("pyfunc_model.py")
+# Base64 text as bytes (MIME line breaks allowed): see `_as_bytes`.
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\r\n]+")
+# No count of the other columns either: MLflow's schema check has dropped them by now.
+_MISSING_COLUMN = (
+    f"missing column {IMAGE_COLUMN!r}: send the images, base64-encoded, in one column named"
+    f" {IMAGE_COLUMN!r}"
+)
+
+_log = logging.getLogger(__name__)
+
+
+class ServingError(MlflowException):
+    """A request the model cannot answer; the scoring server sends exactly `public_message`.
+
+    ``row`` is the index of the image to blame (None when the request as a whole is wrong) and
+    ``reason`` the message without its ``"row N: "`` prefix, for callers that report per image.
+    The error code picks the HTTP status: INVALID_PARAMETER_VALUE (the default) is 400.
+    """
+
+    def __init__(
+        self, reason: str, *, row: int | None = None, error_code: int = INVALID_PARAMETER_VALUE
+    ) -> None:
+        message = reason if row is None else f"row {row}: {reason}"
+        super().__init__(message, error_code=error_code)
+        self.public_message = message
+        self.row = row
+        self.reason = reason
+
+    def serialize_as_json(self) -> str:
+        # What the scoring server sends; `message` may by now hold its rewrite with the payload.
+        body = json.loads(super().serialize_as_json())
+        body["message"] = self.public_message
+        return json.dumps(body)
 
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper around a saved `Classifier` folder (logged as the ``model`` artifact)."""
+    """Pyfunc wrapper around a saved `Classifier` folder (logged as the ``model`` artifact).
+
+    Reads ``max_pixels`` from the model config (`log_classifier` writes it; `mlflow models
+    serve` lets an operator override it through the SERVING_MODEL_CONFIG variable).
+    """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         _limit_threads()
+        config = context.model_config or {}
+        self._max_pixels = int(config.get("max_pixels", DEFAULT_MAX_PIXELS))
+        self._max_side = config.get("max_side")  # None: models logged before it was recorded
         self._model, self._spec = load_classifier(Path(context.artifacts["model"]))
         self._model.eval()
 
@@ -62,7 +128,20 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        return predict_images(self._model, self._spec, _images_from(model_input))
+        try:
+            images = _images_from(model_input)
+            return predict_images(self._model, self._spec, images, max_pixels=self._max_pixels,
+                                  max_side=self._max_side)
+        except ServingError:
+            raise
+        except Exception as e:
+            # Not the request's fault (a bug, memory): the traceback goes to the server's log,
+            # the client gets a 500 without it.
+            _log.exception("prediction failed")
+            raise ServingError(
+                "internal error while classifying; details are in the server log",
+                error_code=INTERNAL_ERROR,
+            ) from e
 
 
 def predict_images(
@@ -70,18 +149,27 @@ def predict_images(
     spec: ModelSpec,
     images: Sequence[bytes],
     *,
-    max_pixels: int = 40_000_000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
     batch_size: int = 64,
 ) -> pd.DataFrame:
-    """Classify encoded images; every image is decoded first, so one bad row fails the request."""
+    """Classify encoded images; every image is decoded first, so one bad row fails the request.
+
+    Raises `ServingError` (naming the row) for an empty list or an image that does not decode
+    or has more than ``max_pixels`` pixels. ``max_side`` repeats the split stage's one-time
+    shrink of large images (after its colour conversion), so a photo is resampled exactly as the
+    training and test images were.
+    """
     if len(images) == 0:
-        raise _invalid("no images in the request")
+        raise ServingError(f"no images in the request: send at least one row in {IMAGE_COLUMN!r}")
     tensors = []
     for row, data in enumerate(images):
         try:
             image = load_image_bytes(bytes(data), max_pixels=max_pixels)
         except ImageDecodeError as e:
-            raise _invalid(f"row {row}: {e.reason}") from None
+            raise ServingError(e.reason, row=row) from None
+        if max_side is not None:
+            image = downscale(convert_mode(image, spec.mode), max_side)
         tensors.append(prepare(image, mode=spec.mode, size=spec.image_size))
     chunks = []
     with torch.inference_mode():
@@ -106,18 +194,32 @@ def log_classifier(
     name: str = "model",
     example_images: Sequence[bytes],
     registered_model_name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
 ) -> ModelInfo:
     """Log a saved classifier folder as a self-contained pyfunc into the active run.
 
-    ``code_paths`` ships the cnnlab package with the model, so it loads where cnnlab is not
-    installed. MLflow stores the example (at most 2 images) as base64 and, at log time, loads
-    the model and predicts on it; a failure there is only logged as a warning, not raised.
+    The pyfunc is logged as code (`cnnlab/pyfunc_model.py`), not as a pickled object, and
+    ``code_paths`` ships the cnnlab package with it, so it loads where cnnlab is not installed.
+    MLflow stores the example (at most 2 images) as base64 and, at log time, loads the model and
+    predicts on it; a failure there is only logged as a warning, not raised. ``max_pixels`` and
+    ``max_side`` are the split stage's limits (its ``preprocess.json``), kept in the model config.
+
+    Served with ``mlflow models serve -m models:/NAME@ALIAS --env-manager local``, it takes
+    ``{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}``, or the same
+    column as ``dataframe_records``, ``{"inputs": {"image": [...]}}``, ``{"inputs": [...]}``,
+    ``{"instances": [{"image": ...}, ...]}`` or ``{"instances": [...]}``. Requests the
+    scoring server refuses before calling the model get MLflow's own 400, which this model
+    cannot shorten: a body that is not JSON (or not UTF-8) is quoted back in full after
+    "Input:", and a JSON object without exactly one of those input keys gets a paragraph about
+    MLflow 2.0's protocol change.
     """
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=ImageClassifierModel(),
+        python_model=str(_ENTRY_POINT),
         artifacts={"model": str(model_dir)},
         code_paths=[str(Path(cnnlab.__file__).parent)],
+        model_config={"max_pixels": max_pixels, "max_side": max_side},
         signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
         input_example=pd.DataFrame({IMAGE_COLUMN: list(example_images[:2])}, dtype=object),
         registered_model_name=registered_model_name,
@@ -126,39 +228,50 @@ def log_classifier(
 
 
 def _images_from(model_input: Any) -> list[bytes]:
-    """Accept what MLflow may hand over: a DataFrame (usual), a dict of columns, a plain list."""
+    """Accept what MLflow may hand over: a DataFrame (usual), a dict of columns, a plain list.
+
+    Messages never quote the input, not even its column names: they came from the request.
+    """
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
-            raise _invalid(f"missing column {IMAGE_COLUMN!r}")
+            raise ServingError(_MISSING_COLUMN)
         values = model_input[IMAGE_COLUMN].tolist()
     elif isinstance(model_input, Mapping):
         if IMAGE_COLUMN not in model_input:
-            raise _invalid(f"missing key {IMAGE_COLUMN!r}")
+            raise ServingError(_MISSING_COLUMN)
         values = model_input[IMAGE_COLUMN]
         values = [values] if isinstance(values, (bytes, str)) else list(values)
     elif isinstance(model_input, (list, tuple, pd.Series, np.ndarray)):
         values = list(model_input)
     else:
         kind = type(model_input).__name__
-        raise _invalid(f"expected a DataFrame with an {IMAGE_COLUMN!r} column, got {kind}")
+        raise ServingError(f"expected a DataFrame with an {IMAGE_COLUMN!r} column, got {kind}")
     return [_as_bytes(row, value) for row, value in enumerate(values)]
 
 
 def _as_bytes(row: int, value: Any) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
+        data = bytes(value)
+        # For `inputs` / `instances` requests MLflow's binary conversion only casts each JSON
+        # string to bytes (it base64-decodes for `dataframe_*` alone), so the base64 text itself
+        # arrives here. Telling the two apart is safe: no PNG, JPEG, BMP, TIFF or WebP file is all
+        # base64 alphabet (their headers hold other bytes) and every GIF ends with ";".
+        return _b64decode(row, data) if _BASE64_TEXT.fullmatch(data) else data
     if isinstance(value, str):
-        # Strip whitespace: base64.encodebytes (and MLflow's own examples) wrap lines at 76.
-        try:
-            return base64.b64decode("".join(value.split()), validate=True)
-        except (binascii.Error, ValueError):
-            reason = "not valid base64 (strings must hold base64-encoded image bytes)"
-            raise _invalid(f"row {row}: {reason}") from None
-    raise _invalid(f"row {row}: expected image bytes or a base64 string, got {type(value).__name__}")
+        return _b64decode(row, value)
+    raise ServingError(
+        f"expected image bytes or a base64 string, got {type(value).__name__}", row=row
+    )
 
 
-def _invalid(message: str) -> MlflowException:
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+def _b64decode(row: int, text: str | bytes) -> bytes:
+    # Drop whitespace: base64.encodebytes (and MLflow's own examples) wrap lines at 76.
+    compact = b"".join(text.split()) if isinstance(text, bytes) else "".join(text.split())
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        reason = "not valid base64 (strings must hold base64-encoded image bytes)"
+        raise ServingError(reason, row=row) from None
 
 
 def _limit_threads() -> None:

@@ -100,6 +100,15 @@ def train_variant(
     return {**metrics, **timing, **run_info, "spec": asdict(spec)}
 
 
+def serving_limits(split_dir: Path) -> dict[str, Any]:
+    """The split's decode limits, which the served model repeats on raw uploads (see serving.py)."""
+    meta = split_dir / "preprocess.json"
+    if not meta.exists():  # a split written before this file existed: re-run `split` to get it
+        return {}
+    settings = json.loads(meta.read_text())
+    return {"max_pixels": settings["max_image_pixels"], "max_side": settings["max_side"]}
+
+
 def record_variant(
     run: mlflow.ActiveRun,
     *,
@@ -137,7 +146,7 @@ def record_variant(
     mlflow.log_artifact(str(out.history), "plots")
     mlflow.log_artifact(str(out.curves), "plots")
     examples = [Path(r["path"]).read_bytes() for r in read_manifest(split_dir, "val")[:2]]
-    info = log_classifier(out.model_dir, example_images=examples)
+    info = log_classifier(out.model_dir, example_images=examples, **serving_limits(split_dir))
     run_info = {"run_id": run.info.run_id, "experiment": experiment, "model_uri": info.model_uri,
                 "variant": variant}
     write_json(out.model_dir / "run.json", run_info)

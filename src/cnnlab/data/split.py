@@ -190,6 +190,9 @@ def run_split(
                                     "source": ds.sources[i]})
             write_csv(tmp / f"{split}.csv", MANIFEST_FIELDS, rows[split])
         write_json(tmp / "classes.json", ds.classes)
+        # Serving repeats these steps on raw uploads, so a served image gets the pixels this split gave.
+        write_json(tmp / "preprocess.json", {"color_mode": mode, "max_side": max_side,
+                                             "max_image_pixels": max_image_pixels})
         write_csv(tmp / "quarantine.csv", ("file", "reason"),
                   ({"file": f, "reason": r} for f, r in sorted(ds.quarantine)))
         summary = {

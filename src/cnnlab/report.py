@@ -1,0 +1,123 @@
+"""Figures of the `evaluate` stage: confusion matrices, mistakes, test accuracy per variant."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")  # stages run headless
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+# No "Software"/date metadata: the same figure gives the same bytes on a re-run.
+_PNG_METADATA = {"Software": None}
+
+
+def _save(fig: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata=_PNG_METADATA)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, *, title: str) -> None:
+    """Row-normalized confusion matrix (colour = share of the true class), counts in the cells.
+
+    Normalizing rows makes the diagonal the per-class recall, comparable across classes of
+    different sizes; the raw count stays readable in each cell.
+    """
+    counts = np.asarray(matrix)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=np.float64), where=rows > 0)
+    k = len(classes)
+    side = max(4.0, 0.6 * k + 2.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    font = 9 if k <= 12 else 6
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j]:
+                # White on the dark cells, black on the light ones.
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=font,
+                        color="white" if share[i, j] > 0.5 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_misclassified(
+    images: np.ndarray,
+    true_names: Sequence[str],
+    predicted_names: Sequence[str],
+    confidences: Sequence[float],
+    path: Path,
+    *,
+    title: str,
+) -> None:
+    """A square-ish grid of mistakes, each titled "true → predicted (p)".
+
+    ``images``: uint8 (N, C, H, W) as the model saw them; grey (C = 1) is drawn in grey.
+    """
+    n = len(images)
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.4, 2.0 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, t, p, conf in zip(axes.flat, images, true_names, predicted_names, confidences):
+        if img.shape[0] == 1:
+            ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(np.transpose(img, (1, 2, 0)))
+        ax.set_title(f"{t} →\n{p} ({conf:.2f})", fontsize=7)
+    if n == 0:
+        axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_accuracy(
+    names: Sequence[str],
+    test_accuracy: Sequence[float],
+    ci_low: Sequence[float],
+    ci_high: Sequence[float],
+    val_accuracy: Sequence[float | None],
+    path: Path,
+    *,
+    confidence: float,
+) -> None:
+    """Test accuracy per variant with its bootstrap interval, validation accuracy beside it.
+
+    The y axis starts just below the lowest value, not at 0: the variants differ by a few
+    points, which a full axis would flatten. The axis label says so.
+    """
+    x = np.arange(len(names))
+    width = 0.38
+    test = np.asarray(test_accuracy, dtype=np.float64)
+    errors = np.vstack([test - np.asarray(ci_low), np.asarray(ci_high) - test])
+    val = np.array([np.nan if v is None else v for v in val_accuracy], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(names) + 2.0), 4.0))
+    ax.bar(x - width / 2, val, width, label="validation", color="tab:orange", alpha=0.8)
+    ax.bar(x + width / 2, test, width, yerr=errors, capsize=4, label=f"test ({confidence * 100:g}% bootstrap CI)",
+           color="tab:blue")
+    for xi, acc, top in zip(x, test, ci_high):  # the value above the whisker, where it is not hidden
+        ax.annotate(f"{acc * 100:.1f}", (xi + width / 2, top), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8)
+    lowest = np.nanmin(np.concatenate([np.asarray(ci_low, dtype=np.float64), val]))
+    ax.set_ylim(max(0.0, math.floor((lowest - 0.03) * 20) / 20), 1.0)
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylabel("accuracy (axis does not start at 0)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left")  # the top-left corner is empty: the axis runs to 1.0
+    ax.set_title("Accuracy per variant")
+    fig.tight_layout()
+    _save(fig, path)

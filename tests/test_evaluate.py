@@ -1,0 +1,272 @@
+"""The evaluate stage: its statistics against hand-computed values, and the stage end to end on
+tiny real models with a real MLflow store."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from cnnlab.data.split import run_split
+from cnnlab.data.tensors import load_split, split_classes
+from cnnlab.engine import predict_logits
+from cnnlab.evaluation import (
+    VariantResult,
+    best_by_validation,
+    bootstrap_interval,
+    comparison_markdown,
+    comparison_table,
+    confusion_matrix,
+    ensemble_probabilities,
+    holm,
+    macro_f1,
+    mcnemar,
+    mcnemar_pairs,
+    mean_cross_entropy,
+    per_class_metrics,
+    score,
+)
+from cnnlab.models.classifier import ModelSpec, build_classifier, load_classifier, save_classifier
+from cnnlab.tracking import tracked_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+def _correct(n: int, accuracy: float) -> np.ndarray:
+    return np.arange(n) < round(n * accuracy)
+
+
+def test_bootstrap_interval_contains_the_estimate_narrows_with_data_and_is_seeded():
+    small = bootstrap_interval(_correct(100, 0.8), samples=2000, confidence=0.95, seed=0)
+    large = bootstrap_interval(_correct(10_000, 0.8), samples=2000, confidence=0.95, seed=0)
+    for low, high in (small, large):
+        assert low < 0.8 < high
+    assert (large[1] - large[0]) < (small[1] - small[0]) / 5  # width ~ 1/sqrt(n): 10x narrower
+    # The normal approximation: +-1.96 * sqrt(p(1-p)/n) = +-0.078 for n = 100.
+    assert small[1] - small[0] == pytest.approx(2 * 1.96 * math.sqrt(0.8 * 0.2 / 100), rel=0.15)
+    assert bootstrap_interval(_correct(100, 0.8), samples=2000, confidence=0.95, seed=0) == small
+    wider = bootstrap_interval(_correct(100, 0.8), samples=2000, confidence=0.99, seed=0)
+    assert wider[0] <= small[0] and wider[1] >= small[1]
+    with pytest.raises(ValueError, match="no test examples"):
+        bootstrap_interval(np.array([], dtype=bool), samples=100, confidence=0.95, seed=0)
+
+
+def _paired(b: int, c: int, both: int = 7, neither: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    a = np.array([True] * b + [False] * c + [True] * both + [False] * neither)
+    other = np.array([False] * b + [True] * c + [True] * both + [False] * neither)
+    return a, other
+
+
+def test_mcnemar_is_the_exact_two_sided_binomial_test_and_symmetric():
+    a, b = _paired(1, 5)
+    result = mcnemar(a, b)
+    # Under H0, b ~ Binomial(6, 1/2): p = 2 * P(X <= 1) = 2 * (1 + 6) / 64.
+    assert (result.b, result.c) == (1, 5)
+    assert result.p_value == pytest.approx(14 / 64)
+    flipped = mcnemar(b, a)
+    assert (flipped.b, flipped.c) == (5, 1) and flipped.p_value == pytest.approx(result.p_value)
+    a, b = _paired(2, 9)
+    expected = 2 * sum(math.comb(11, k) for k in range(3)) / 2**11
+    assert mcnemar(a, b).p_value == pytest.approx(expected)
+    assert mcnemar(*_paired(0, 0)).p_value == 1.0  # no discordant pairs: no evidence of a difference
+    assert mcnemar(*_paired(4, 4)).p_value == pytest.approx(1.0)
+
+
+def test_ensemble_averages_probabilities():
+    p1 = np.array([[0.6, 0.4, 0.0], [1.0, 0.0, 0.0]])
+    p2 = np.array([[0.0, 0.4, 0.6], [0.5, 0.5, 0.0]])
+    mean = ensemble_probabilities([p1, p2])
+    np.testing.assert_allclose(mean, [[0.3, 0.4, 0.3], [0.75, 0.25, 0.0]])
+    np.testing.assert_allclose(mean.sum(axis=1), 1.0)
+    assert mean[0].argmax() == 1  # soft voting can pick a class neither member ranked first
+    with pytest.raises(ValueError, match="shape"):
+        ensemble_probabilities([p1, p2[:, :2]])
+
+
+def test_per_class_metrics_f1_and_confusion_on_a_hand_example():
+    labels = np.array([0, 0, 1, 1, 2])
+    predicted = np.array([0, 1, 1, 1, 0])
+    table = per_class_metrics(labels, predicted, ["a", "b", "c"])
+    assert list(table["class"]) == ["a", "b", "c"]
+    np.testing.assert_allclose(table["precision"], [1 / 2, 2 / 3, 0.0])  # c never predicted: 0, no warning
+    np.testing.assert_allclose(table["recall"], [1 / 2, 1.0, 0.0])
+    np.testing.assert_allclose(table["f1"], [1 / 2, 0.8, 0.0])
+    assert list(table["support"]) == [2, 2, 1]
+    assert macro_f1(labels, predicted, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    np.testing.assert_array_equal(confusion_matrix(labels, predicted, 4),
+                                  [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+
+
+def test_mean_cross_entropy_is_the_mean_negative_log_probability_of_the_truth():
+    probs = np.array([[0.5, 0.5], [0.9, 0.1], [0.0, 1.0]])
+    labels = np.array([0, 1, 0])
+    expected = -(math.log(0.5) + math.log(0.1) + math.log(1e-15)) / 3  # p = 0 clipped, not infinite
+    assert mean_cross_entropy(probs, labels) == pytest.approx(expected)
+
+
+def test_holm_adjustment():
+    np.testing.assert_allclose(holm(np.array([0.01, 0.04, 0.03])), [0.03, 0.06, 0.06])
+    np.testing.assert_allclose(holm(np.array([0.5, 0.9])), [1.0, 1.0])
+    assert len(holm(np.array([]))) == 0
+
+
+def _result(name: str, probs: np.ndarray, labels: np.ndarray, val: float | None) -> VariantResult:
+    return score(name, probs, labels, classes=["x", "y"], bootstrap_samples=200, confidence=0.9, seed=0,
+                 val_accuracy=val, parameters=10)
+
+
+def test_tables_pairs_and_best_variant():
+    labels = np.array([0, 1, 0, 1])
+    good = _result("good", np.eye(2)[labels], labels, 0.7)
+    bad = _result("bad", np.eye(2)[1 - labels], labels, 0.9)
+    tie = _result("tie", np.eye(2)[labels], labels, 0.9)
+    assert best_by_validation([good, bad, tie]).name == "bad"  # by validation, first on ties; never test
+    assert mcnemar_pairs(["a", "b", "c"], "ensemble", "b") == [("a", "b"), ("a", "c"), ("b", "c"), ("ensemble", "b")]
+    assert mcnemar_pairs(["a", "b"], None, None) == [("a", "b")]
+    table = comparison_table([good, bad])
+    assert list(table.columns) == ["variant", "val_accuracy", "test_accuracy", "ci_low", "ci_high", "test_loss",
+                                   "macro_f1", "parameters"]
+    assert list(table["test_accuracy"]) == [1.0, 0.0]
+    md = comparison_markdown(table, 0.9)
+    assert "| variant" in md and "90% CI" in md and "100.00%" in md and "70.00%" in md
+
+
+# --- the stage end to end --------------------------------------------------------------------
+
+VARIANTS = ("scratch", "wide", "big")  # big reads 32 px: the test split is decoded per input size
+
+
+@pytest.fixture
+def workspace(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A split, three saved tiny classifiers (two with runs in a temp MLflow store, one whose run
+    is elsewhere), their validation metrics and a params.yaml with a small bootstrap."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the default artifact root ./mlruns lands here
+    monkeypatch.setattr(sys, "path", [str(REPO / "pipeline"), *sys.path])  # for the script's `_common`
+    mlflow.set_tracking_uri(uri)
+    split = tmp_path / "split"
+    run_split(tiny_idx, split, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=2,
+              max_val_per_class=2, max_test_per_class=4, max_image_pixels=10_000, max_side=None, color_mode="auto")
+    for i, (name, size, hidden) in enumerate(zip(VARIANTS, (28, 28, 32), (4, 6, 4))):
+        torch.manual_seed(i)
+        spec = ModelSpec(kind="zoo", arch="tinyvgg", classes=split_classes(split), mode="L", image_size=size,
+                         mean=[0.3], std=[0.25], kwargs={"hidden_units": hidden})
+        folder = tmp_path / "models" / name
+        save_classifier(build_classifier(spec), spec, folder)
+        if name == "big":
+            run_id = "0" * 32  # trained against another store
+        else:
+            with tracked_run(experiment="evaltest", run_name=name, tags={"variant": name}, params={}) as run:
+                run_id = run.info.run_id
+        (folder / "run.json").write_text(json.dumps({"run_id": run_id, "variant": name}))
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps({"val_accuracy": [0.5, 0.7, 0.6][i]}))
+    params = {"base": {"seed": 7, "experiment": "evaltest"},
+              "evaluate": {"variants": list(VARIANTS), "batch_size": 16, "bootstrap_samples": 200,
+                           "misclassified": 4}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def _run_stage(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("evaluate_stage", REPO / "pipeline" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "evaluate_stage", module)  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [
+        "evaluate.py", "--params", str(ws / "params.yaml"), "--split", str(ws / "split"), "--models",
+        str(ws / "models"), "--val-metrics", str(ws / "metrics"), "--out", str(ws / "evaluation"),
+        "--metrics", str(ws / "metrics" / "evaluate.json"), "--plots", str(ws / "plots")])
+    module.main()
+
+
+def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeypatch, capsys):
+    ws = workspace
+    _run_stage(ws, monkeypatch)
+    captured = capsys.readouterr()
+    assert "| variant" in captured.out  # the Markdown table is printed
+    assert f"run {'0' * 32} is not in the MLflow store" in captured.err  # warned, not failed
+
+    # The table's accuracies are what the saved models predict.
+    comparison = pd.read_csv(ws / "evaluation" / "comparison.csv")
+    assert list(comparison["variant"]) == [*VARIANTS, "ensemble"]
+    all_probs = []
+    for name in VARIANTS:
+        model, spec = load_classifier(ws / "models" / name)
+        test = load_split(ws / "split", "test", mode=spec.mode, size=spec.image_size)
+        logits = predict_logits(model, test.images, batch_size=7, device=torch.device("cpu"))
+        all_probs.append(torch.softmax(logits.double(), 1).numpy())
+        expected = (logits.argmax(1) == test.labels).double().mean().item()
+        row = comparison.set_index("variant").loc[name]
+        assert row["test_accuracy"] == pytest.approx(expected, abs=1e-6)
+        assert row["ci_low"] <= row["test_accuracy"] <= row["ci_high"]
+    ensemble = (np.mean(all_probs, axis=0).argmax(1) == test.labels.numpy()).mean()
+    assert comparison.set_index("variant").loc["ensemble", "test_accuracy"] == pytest.approx(ensemble, abs=1e-6)
+    assert list(comparison["val_accuracy"].iloc[:3]) == [0.5, 0.7, 0.6]
+
+    per_class = pd.read_csv(ws / "evaluation" / "per_class.csv")
+    assert list(per_class.columns) == ["variant", "class", "precision", "recall", "f1", "support"]
+    assert per_class.groupby("variant")["support"].sum().to_dict() == {v: 40 for v in [*VARIANTS, "ensemble"]}
+    mc = pd.read_csv(ws / "evaluation" / "mcnemar.csv")
+    pairs = list(zip(mc["variant_a"], mc["variant_b"]))
+    assert pairs == [("scratch", "wide"), ("scratch", "big"), ("wide", "big"), ("ensemble", "wide")]
+    assert "McNemar" in (ws / "evaluation" / "comparison.md").read_text()
+
+    plots = ws / "plots"
+    for name in (*VARIANTS, "ensemble"):
+        assert (plots / f"confusion_{name}.png").stat().st_size > 1000
+        confusion = pd.read_csv(plots / "confusion" / f"{name}.csv")
+        assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 40
+    for name in VARIANTS:
+        assert (plots / f"misclassified_{name}.png").stat().st_size > 1000
+    assert (plots / "accuracy.png").stat().st_size > 1000
+
+    metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
+    keys = {"test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_loss", "test_macro_f1"}
+    assert all(set(metrics[v]) == keys for v in (*VARIANTS, "ensemble"))
+    assert set(metrics["mcnemar"]) == {"scratch_vs_wide", "scratch_vs_big", "wide_vs_big", "ensemble_vs_wide"}
+
+    # The same metric names land in each variant's own training run, which stays FINISHED.
+    client = mlflow.MlflowClient()
+    for name in ("scratch", "wide"):
+        run = client.get_run(json.loads((ws / "models" / name / "run.json").read_text())["run_id"])
+        assert run.info.status == "FINISHED"
+        assert {k: round(v, 6) for k, v in run.data.metrics.items()} == metrics[name]
+    summary = client.search_runs([client.get_experiment_by_name("evaltest").experiment_id],
+                                 "tags.stage = 'evaluate'")
+    assert len(summary) == 1 and summary[0].info.status == "FINISHED"
+    assert summary[0].data.metrics["test_accuracy"] == pytest.approx(metrics["ensemble"]["test_accuracy"])
+    artifacts = {a.path for d in ("evaluation", "plots") for a in client.list_artifacts(summary[0].info.run_id, d)}
+    assert {"evaluation/comparison.csv", "evaluation/comparison.md", "evaluation/mcnemar.csv",
+            "evaluation/per_class.csv", "plots/accuracy.png", "plots/confusion_scratch.png"} <= artifacts
+
+    # A re-run reproduces the DVC metrics and tables byte for byte.
+    before = {p: (ws / p).read_bytes() for p in ("metrics/evaluate.json", "evaluation/comparison.csv",
+                                                 "evaluation/mcnemar.csv", "plots/confusion/wide.csv")}
+    _run_stage(ws, monkeypatch)
+    assert {p: (ws / p).read_bytes() for p in before} == before
+
+
+def test_a_missing_model_names_the_folder_and_the_stage_to_run(workspace: Path, monkeypatch):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["evaluate"]["variants"] = ["scratch", "fine_tune"]
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(FileNotFoundError, match=r"models/fine_tune: no model; run `dvc repro fine_tune`"):
+        _run_stage(workspace, monkeypatch)
+    params["evaluate"]["variants"] = ["scratch", "ensemble"]
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match="'ensemble' is a reserved name"):
+        _run_stage(workspace, monkeypatch)
+    assert not (workspace / "evaluation").exists()

@@ -1,0 +1,149 @@
+"""`python -m cnnlab predict`, run as a user would, against a tiny registered model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from tiny_model import encode, register_tiny
+
+from cnnlab.cli import DEFAULT_MODEL_URI, Outcome, default_model_uri, find_images, format_table
+
+
+@dataclass
+class Store:
+    root: Path  # holds mlflow.db, params.yaml naming the model, and imgs/
+    uri: str  # the tracking URI
+    model: mlflow.pyfunc.PyFuncModel
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    root = tmp_path_factory.mktemp("cli")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(root)  # MLflow's default artifact root is ./mlruns: keep it out of the checkout
+        mp.setattr(sys, "path", list(sys.path))  # load_model prepends the model's code/ dir
+        register_tiny(root, uri, "cli-tiny", alias="best")
+        (root / "params.yaml").write_text("registry:\n  model_name: cli-tiny\n  alias: best\n")
+        images = root / "imgs"
+        (images / "sub" / "deeper").mkdir(parents=True)
+        (images / "b_dark.png").write_bytes(encode("RGB", (30, 20), "PNG", 1, level=30))
+        (images / "a_bright.jpg").write_bytes(encode("L", (40, 40), "JPEG", 2, level=225))
+        (images / "sub" / "c.PNG").write_bytes(encode("RGBA", (17, 31), "PNG", 3))
+        (images / "sub" / "broken.png").write_bytes(b"GIF89a but not really")
+        (images / "sub" / "deeper" / "d.webp").write_bytes(encode("RGB", (25, 25), "WEBP", 4))
+        (images / "notes.txt").write_text("not an image, and skipped in folders")
+        yield Store(root, uri, mlflow.pyfunc.load_model("models:/cli-tiny@best"))
+        mlflow.set_tracking_uri(None)  # back to the environment's, for later modules
+
+
+def cli(*args: str, cwd: Path, tracking_uri: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return subprocess.run(
+        [sys.executable, "-m", "cnnlab", "predict", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def in_process(store: Store, paths: list[Path]) -> pd.DataFrame:
+    return store.model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
+
+
+GOOD = ["imgs/a_bright.jpg", "imgs/b_dark.png", "imgs/sub/c.PNG", "imgs/sub/deeper/d.webp"]
+
+
+@pytest.mark.slow  # a registered model and a CLI process (~10 s each)
+def test_table_with_the_model_named_in_params_yaml(store: Store) -> None:
+    # No MLFLOW_TRACKING_URI: the default store, ./mlflow.db, and the model params.yaml names.
+    done = cli("imgs", cwd=store.root)
+    assert done.returncode == 1, done.stderr  # broken.png failed
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].split() == ["PATH", "LABEL", "CONFIDENCE", "TOP-3"]
+    rows = [line.split() for line in lines[1:]]
+    # Sorted, recursive, image extensions only (any case), the broken file on its own line:
+    assert [r[0] for r in rows] == [GOOD[0], GOOD[1], "imgs/sub/broken.png", GOOD[2], GOOD[3]]
+    assert rows[2][1:] == ["error:", "not", "an", "image", "(unrecognized", "format)"]
+    want = in_process(store, [store.root / p for p in GOOD])
+    good_rows = rows[:2] + rows[3:]
+    assert [r[1] for r in good_rows] == want["label"].tolist()
+    assert [float(r[2]) for r in good_rows] == pytest.approx(want["confidence"].tolist(), abs=1e-4)
+    assert "1 of 5 path(s) failed" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow  # a registered model and a CLI process (~10 s each)
+def test_json_lines_match_in_process_across_batches(store: Store, tmp_path: Path) -> None:
+    files = [store.root / GOOD[0], store.root / "imgs/sub/broken.png", store.root / GOOD[1], store.root / GOOD[2]]
+    done = cli(
+        *map(str, files), "--json", "--batch-size", "2", "--model", "models:/cli-tiny/1",
+        cwd=tmp_path, tracking_uri=store.uri,
+    )
+    assert done.returncode == 1, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["path"] for r in records] == list(map(str, files))
+    assert records[1] == {"path": str(files[1]), "error": "not an image (unrecognized format)"}
+    good = [records[0], *records[2:]]
+    want = in_process(store, [files[0], *files[2:]])
+    for got, (_, row) in zip(good, want.iterrows()):
+        assert (got["label"], got["label_id"]) == (row["label"], row["label_id"])
+        assert got["probabilities"].keys() == row["probabilities"].keys()
+        np.testing.assert_allclose(list(got["probabilities"].values()), list(row["probabilities"].values()), atol=1e-6)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow  # a registered model and a CLI process (~10 s each)
+def test_unknown_model_names_the_uri_and_the_fix(store: Store, tmp_path: Path) -> None:
+    done = cli(str(store.root / GOOD[0]), "--model", "models:/no-such-model@champion",
+               cwd=tmp_path, tracking_uri=store.uri)
+    assert done.returncode == 2
+    assert "models:/no-such-model@champion" in done.stderr and "dvc repro" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+@pytest.mark.slow  # a registered model and a CLI process (~10 s each)
+def test_no_store_here_is_a_clear_error_and_creates_nothing(store: Store, tmp_path: Path) -> None:
+    done = cli(str(store.root / GOOD[0]), cwd=tmp_path)  # no params.yaml, no mlflow.db
+    assert done.returncode == 2
+    assert DEFAULT_MODEL_URI in done.stderr and "mlflow.db" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # MLflow left to itself would create an empty mlflow.db
+
+
+def test_find_images_reports_missing_paths_and_empty_folders(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.bin").write_bytes(b"named explicitly, so kept whatever the extension")
+    files, errors = find_images([tmp_path / "x.bin", tmp_path / "missing", tmp_path / "empty", tmp_path / "x.bin"])
+    assert files == [tmp_path / "x.bin"]  # listed once
+    assert [(o.path.name, o.error) for o in errors] == [
+        ("missing", "no such file or folder"), ("empty", "folder holds no image files")
+    ]
+
+
+def test_default_model_uri_reads_params_yaml(tmp_path: Path) -> None:
+    assert default_model_uri(tmp_path / "params.yaml") == DEFAULT_MODEL_URI  # absent
+    (tmp_path / "params.yaml").write_text("registry:\n  model_name: other\n  alias: prod\n")
+    assert default_model_uri(tmp_path / "params.yaml") == "models:/other@prod"
+
+
+def test_table_layout() -> None:
+    outcomes = [
+        Outcome(Path("long/path/one.png"), {"label": "cat", "label_id": 0, "confidence": 0.75,
+                                            "probabilities": {"cat": 0.75, "dog": 0.2, "frog": 0.04, "ant": 0.01}}),
+        Outcome(Path("b.png"), error="not an image (unrecognized format)"),
+    ]
+    assert format_table(outcomes).splitlines() == [
+        "PATH               LABEL  CONFIDENCE  TOP-3",
+        "long/path/one.png  cat        0.7500  cat 0.750, dog 0.200, frog 0.040",
+        "b.png              error: not an image (unrecognized format)",
+    ]

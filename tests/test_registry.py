@@ -1,0 +1,140 @@
+"""The registry stage against a real MLflow store: versions per variant, the alias by validation
+accuracy only, idempotent re-runs, and clear errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
+from cnnlab.registry import Candidate, RegistryError, choose_champion, read_candidate, register_variants
+from cnnlab.serving import log_classifier
+from cnnlab.tracking import tracked_run
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [str(i) for i in range(10)]
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8), "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def log_variant(root: Path, variant: str, val_accuracy: float) -> Candidate:
+    """A real logged pyfunc in a real run, plus the stage outputs the registry reads."""
+    spec = ModelSpec(kind="zoo", arch="tinyvgg", classes=CLASSES, mode="L", image_size=28, mean=[0.5],
+                     std=[0.25], kwargs={"hidden_units": 2})
+    model_dir = root / "models" / variant
+    save_classifier(build_classifier(spec), spec, model_dir)
+    with tracked_run(experiment="reg-test", run_name=variant, tags={"variant": variant}, params={}) as run:
+        info = log_classifier(model_dir, example_images=[_png(0)])
+    (model_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "model_uri": info.model_uri}))
+    metrics = root / "metrics"
+    metrics.mkdir(exist_ok=True)
+    (metrics / f"{variant}.json").write_text(json.dumps({"val_accuracy": val_accuracy}))
+    return read_candidate(variant, model_dir, metrics / f"{variant}.json", None)
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the default artifact root ./mlruns lands here
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient()
+
+
+def test_champion_is_chosen_by_validation_never_by_test() -> None:
+    a = Candidate("a", "r1", "models:/m-1", val_accuracy=0.90, test_accuracy=0.80)
+    b = Candidate("b", "r2", "models:/m-2", val_accuracy=0.85, test_accuracy=0.99)
+    assert choose_champion([a, b]).variant == "a"
+    tie = Candidate("c", "r3", "models:/m-3", val_accuracy=0.90, test_accuracy=0.95)
+    assert choose_champion([a, tie]).variant == "a"  # a tie goes to the first listed
+    assert choose_champion([tie, a]).variant == "c"
+    with pytest.raises(RegistryError, match="no variants"):
+        choose_champion([])
+
+
+def test_register_is_idempotent_and_moves_the_alias_only_on_change(store: MlflowClient, tmp_path: Path) -> None:
+    cands = [log_variant(tmp_path, "scratch", 0.80), log_variant(tmp_path, "fine_tune", 0.90)]
+    first = register_variants(store, "clf", "champion", cands)
+    assert first.champion == "fine_tune" and first.previous_version is None and first.moved
+    assert set(first.created) == {"scratch", "fine_tune"}
+    champ = store.get_model_version_by_alias("clf", "champion")
+    assert champ.version == first.versions["fine_tune"]
+    assert champ.tags["variant"] == "fine_tune" and champ.tags["val_accuracy"] == "0.9000"
+    assert champ.run_id == cands[1].run_id
+    # The alias serves the very model the stage logged.
+    loaded = mlflow.pyfunc.load_model("models:/clf@champion")
+    assert loaded.metadata.run_id == cands[1].run_id
+
+    again = register_variants(store, "clf", "champion", cands)
+    assert again.created == () and not again.moved and again.versions == first.versions
+    assert len(store.search_model_versions("name='clf'")) == 2
+
+    # Validation results change so that scratch now wins: the alias follows, no new versions.
+    flipped = [Candidate(**{**vars(c), "val_accuracy": 0.95}) if c.variant == "scratch" else c for c in cands]
+    moved = register_variants(store, "clf", "champion", flipped)
+    assert moved.champion == "scratch" and moved.moved and moved.previous_version == first.versions["fine_tune"]
+    assert store.get_model_version_by_alias("clf", "champion").version == first.versions["scratch"]
+
+    # Retraining the champion logs a new model in a new run: a new version, and the alias moves to it.
+    retrained = log_variant(tmp_path, "scratch", 0.96)
+    after = register_variants(store, "clf", "champion", [retrained, cands[1]])
+    assert after.created == ("scratch",) and after.moved
+    assert int(after.versions["scratch"]) == 3
+
+
+def test_a_run_missing_from_the_store_is_a_clear_error(store: MlflowClient) -> None:
+    ghost = Candidate("scratch", "0" * 32, "models:/m-0123", val_accuracy=0.5)
+    with pytest.raises(RegistryError, match=r"run 0{32} is not in the tracking store.*train@scratch"):
+        register_variants(store, "clf", "champion", [ghost])
+
+
+def _stage(tmp_path: Path, *variants: str) -> subprocess.CompletedProcess:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["variants"] = list(variants)
+    params["registry"]["model_name"] = "stage-clf"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return subprocess.run(
+        [sys.executable, str(REPO / "pipeline" / "register.py"), "--params", "params.yaml", "--models", "models",
+         "--metrics", "metrics", "--out", "registry.json"],
+        cwd=tmp_path, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+
+
+def test_stage_writes_the_registry_summary_and_reads_test_accuracy(store: MlflowClient, tmp_path: Path) -> None:
+    log_variant(tmp_path, "scratch", 0.70)
+    log_variant(tmp_path, "regularized", 0.75)
+    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({"scratch": {"test_accuracy": 0.99},
+                                                                    "regularized": {"test_accuracy": 0.5}}))
+    done = _stage(tmp_path, "scratch", "regularized")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "registry.json").read_text())
+    assert summary["champion"] == "regularized" and summary["chosen_by"] == "val_accuracy"
+    assert summary["model_uri"] == "models:/stage-clf@champion"
+    version = store.get_model_version("stage-clf", summary["versions"]["scratch"])
+    assert version.tags["test_accuracy"] == "0.9900"
+    assert "alias 'champion' -> version" in done.stdout
+
+    rerun = _stage(tmp_path, "scratch", "regularized")
+    assert rerun.returncode == 0 and "unchanged" in rerun.stdout and "new versions" not in rerun.stdout
+
+
+def test_stage_names_the_missing_variant(store: MlflowClient, tmp_path: Path) -> None:
+    log_variant(tmp_path, "scratch", 0.70)
+    done = _stage(tmp_path, "scratch", "fine_tune")
+    assert done.returncode == 1
+    assert "models/fine_tune/run.json: missing" in done.stderr and "Traceback" not in done.stderr
