@@ -63,6 +63,10 @@ from cnnlab.cli import default_model_uri
 from cnnlab.data.split import read_manifest
 from cnnlab.tracking import tracking_uri
 
+# The machine helper of the sibling benchmark (bench/ is on sys.path when a script there runs).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import cpu_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     header = [
-        f"machine: {_cpu_model()}, {cores} usable logical CPUs; load average {load_before:.2f} at the start, "
+        f"machine: {cpu_model()}, {cores} usable logical CPUs; load average {load_before:.2f} at the start, "
         f"{os.getloadavg()[0]:.2f} at the end",
         f"python {platform.python_version()}, torch {torch.__version__} ({threads} threads in this process), "
         f"mlflow {mlflow.__version__}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}",
@@ -275,16 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(report(rows, header, checks))
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

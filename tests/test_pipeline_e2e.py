@@ -124,6 +124,23 @@ def test_full_repro_trains_both_variants_into_mlflow_deterministically(tmp_path:
             assert run.data.params["dropout"] == str(expected)
         assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(run.data.metrics)
 
+    # evaluate: every variant and the ensemble on the test split, pairwise McNemar tests.
+    evaluated = json.loads((ws / "data/metrics/evaluate.json").read_text())
+    assert set(variants) | {"ensemble", "mcnemar"} <= set(evaluated)
+    for variant in variants:
+        test = evaluated[variant]
+        assert test["test_accuracy_ci_low"] <= test["test_accuracy"] <= test["test_accuracy_ci_high"]
+        assert client.get_run(runs[variant]).data.metrics["test_accuracy"] == pytest.approx(test["test_accuracy"])
+    table = (ws / "data/evaluation/comparison.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in table[1:]] == [*variants, "ensemble"]
+    # register: one version per variant, the alias on the best validation accuracy.
+    registry = json.loads((ws / "data/registry.json").read_text())
+    val = {v: json.loads((ws / f"data/metrics/{v}.json").read_text())["val_accuracy"] for v in variants}
+    assert registry["champion"] == max(variants, key=lambda v: (val[v], -variants.index(v)))
+    champion = client.get_model_version_by_alias(registry["model_name"], "champion")
+    assert champion.tags["variant"] == registry["champion"] and champion.run_id == runs[registry["champion"]]
+    assert sorted(registry["versions"]) == sorted(variants)
+
     before = (ws / "data/metrics/scratch.json").read_bytes()
     again = _dvc(ws, "repro", "--force", "train@scratch")
     assert again.returncode == 0, again.stderr[-3000:]

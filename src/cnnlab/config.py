@@ -190,11 +190,11 @@ class FeatureExtractParams(_Section):
 
 class FineTuneParams(_LoopParams):
     train_data: Literal["data/split", "data/augmented"] = "data/split"
-    unfreeze_blocks: Annotated[int, Field(ge=1, le=100)] = 5
-    block_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3
+    unfreeze_blocks: Annotated[int, Field(ge=1, le=100)] = 11
+    block_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
     unfreeze_every: Annotated[int, Field(ge=0)] = 0
     train_bn: bool = False
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 8
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.0003
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = 5
