@@ -2,247 +2,36 @@
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
 from _common import parse, run
 
-from cnnlab.config import ConfigError, Params
-from cnnlab.data.tensors import TensorSet, load_split, split_classes
-from cnnlab.engine import predict_logits
-from cnnlab.evaluation import (ENSEMBLE, VariantResult, best_by_validation, comparison_markdown, comparison_table,
-                               ensemble_probabilities, mcnemar_markdown, mcnemar_pairs, mcnemar_table, score,
-                               softmax)
-from cnnlab.io import atomic_write_text, staged_dir, write_json
-from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
-from cnnlab.progress import progress
-from cnnlab.report import plot_accuracy, plot_confusion, plot_misclassified
-from cnnlab.tracking import tracked_run, tracking_uri
-
-CPU = torch.device("cpu")  # fp32 on CPU: the reported numbers must not depend on the machine's GPU
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    model: Classifier
-    spec: ModelSpec
-    run_id: str | None  # the training run, from run.json
-    val_accuracy: float
+from cnnlab.evaluate import evaluate_variants
 
 
 def main() -> None:
     args, params = parse(__doc__, "split", "models", "val_metrics", "out", "metrics", "plots")
     p = params.evaluate
-    _check_names(p.variants)
-    split_dir = Path(args.split)
-    if not (split_dir / "test.csv").exists():
-        raise FileNotFoundError(f"{split_dir / 'test.csv'}: no test split; run `dvc repro split`")
-    classes = split_classes(split_dir)
-    variants = [_load_variant(name, Path(args.models), Path(args.val_metrics), classes, _stage_of(name, params))
-                for name in p.variants]
-
-    results, labels, images = _score_variants(variants, split_dir, classes, batch_size=p.batch_size,
-                                              bootstrap_samples=p.bootstrap_samples, confidence=p.confidence,
-                                              seed=params.base.seed)
-    members = list(results)
-    if p.ensemble and len(members) > 1:  # an ensemble of one would only repeat its member
-        results.append(score(ENSEMBLE, ensemble_probabilities([r.probs for r in members]), labels, classes=classes,
-                             bootstrap_samples=p.bootstrap_samples, confidence=p.confidence, seed=params.base.seed,
-                             val_accuracy=None, parameters=sum(r.parameters for r in members)))
-    has_ensemble = results[-1].name == ENSEMBLE
-    pairs = mcnemar_pairs([r.name for r in members], ENSEMBLE if has_ensemble else None,
-                          best_by_validation(members).name if has_ensemble else None)
-
-    comparison = comparison_table(results)
-    markdown = comparison_markdown(comparison, p.confidence)
-    mcnemar = mcnemar_table(results, pairs)
-    with staged_dir(Path(args.out)) as out, staged_dir(Path(args.plots)) as plots:
-        _write_tables(out, comparison, markdown, mcnemar, results, p.confidence)
-        _write_plots(plots, results, images, labels, classes, misclassified=p.misclassified,
-                     confidence=p.confidence)
-        # Inside the staged block: if MLflow fails, the previous outputs stay as they were.
-        _log_variant_runs({v.name: v.run_id for v in variants}, {r.name: r for r in members}, Path(args.models))
-        _log_summary_run(params.base.experiment, {"seed": params.base.seed, "evaluate": p.model_dump()}, results,
-                         mcnemar, out, plots, {v.name: v.run_id for v in variants})
-    write_json(Path(args.metrics), _dvc_metrics(results, mcnemar))
-    print(markdown, end="")
-    print(f"\nMcNemar, exact (b: only A right, c: only B right):\n{mcnemar_markdown(mcnemar)}", end="")
-
-
-def _check_names(names: list[str]) -> None:
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"evaluate.variants lists {', '.join(duplicates)} more than once")
-    reserved = sorted({ENSEMBLE, "mcnemar"} & set(names))  # keys of their own in the metrics file
-    if reserved:
-        raise ConfigError(f"evaluate.variants: {', '.join(map(repr, reserved))} is a reserved name (the "
-                          "ensemble's / the McNemar tests' key in the metrics file); rename that variant")
-
-
-def _stage_of(name: str, params: Params) -> str:
-    """The DVC stage that produces data/models/<name>, for error messages."""
-    return f"train@{name}" if name in params.variants else name
-
-
-def _load_variant(name: str, models: Path, val_metrics: Path, classes: list[str], stage: str) -> Variant:
-    folder = models / name
-    if not (folder / "spec.json").exists() or not (folder / "weights.pt").exists():
-        raise FileNotFoundError(f"{folder}: no model; run `dvc repro {stage}`")
-    model, spec = load_classifier(folder)
-    if list(spec.classes) != classes:
-        raise ValueError(f"{folder / 'spec.json'}: its classes differ from the split's classes.json; the model "
-                         f"is out of date, run `dvc repro {stage}`")
-    metrics_file = val_metrics / f"{name}.json"
-    try:
-        val_accuracy = json.loads(metrics_file.read_text(encoding="utf-8"))["val_accuracy"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{metrics_file}: not found; run `dvc repro {stage}`") from None
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{metrics_file}: no numeric val_accuracy; run `dvc repro {stage}`") from None
-    run_file = folder / "run.json"
-    run_id = json.loads(run_file.read_text(encoding="utf-8")).get("run_id") if run_file.exists() else None
-    return Variant(name=name, model=model, spec=spec, run_id=run_id, val_accuracy=float(val_accuracy))
-
-
-def _score_variants(variants: list[Variant], split_dir: Path, classes: list[str], *, batch_size: int,
-                    bootstrap_samples: int, confidence: float,
-                    seed: int) -> tuple[list[VariantResult], np.ndarray, dict[str, np.ndarray]]:
-    """Each variant's test predictions scored; also the labels and the images each model saw."""
-    tests: dict[tuple[str, int], TensorSet] = {}  # decoded once per input mode and size, shared
-    results, images = [], {}
-    for v in variants:
-        key = (v.spec.mode, v.spec.image_size)
-        if key not in tests:
-            tests[key] = load_split(split_dir, "test", mode=v.spec.mode, size=v.spec.image_size)
-        probs = _predict(v.model, tests[key].images, batch_size=batch_size, desc=f"test {v.name}")
-        results.append(score(v.name, probs, tests[key].labels.numpy(), classes=classes,
-                             bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
-                             val_accuracy=v.val_accuracy, parameters=_parameters(v.model)))
-        images[v.name] = tests[key].images.numpy()
-    return results, next(iter(tests.values())).labels.numpy(), images
-
-
-def _parameters(model: torch.nn.Module) -> int:
-    return sum(t.numel() for t in model.parameters())
-
-
-def _predict(model: Classifier, images: torch.Tensor, *, batch_size: int, desc: str) -> np.ndarray:
-    """float64 probabilities from fp32 logits, one progress step per batch."""
-    # channels_last stays fp32 (same numbers on every re-run) but ran EfficientNet-Lite0 at
-    # 128 px 1.6-1.8x faster here than NCHW (~14 -> ~25 img/s on a busy 2-core CPU).
-    model.to(memory_format=torch.channels_last)
-    starts = range(0, len(images), batch_size)
-    logits = [predict_logits(model, images[s:s + batch_size], batch_size=batch_size, device=CPU,
-                             channels_last=True)
-              for s in progress(starts, desc=desc, total=len(starts), unit="batch")]
-    return softmax(torch.cat(logits).numpy())
-
-
-def _write_tables(out: Path, comparison: pd.DataFrame, markdown: str, mcnemar: pd.DataFrame,
-                  results: list[VariantResult], confidence: float) -> None:
-    def csv(df: pd.DataFrame, name: str) -> None:
-        # 6 significant digits: a re-run writes the same bytes, and tiny p-values keep their value.
-        atomic_write_text(out / name, df.to_csv(index=False, lineterminator="\n", float_format="%.6g"))
-
-    csv(comparison, "comparison.csv")
-    csv(mcnemar, "mcnemar.csv")
-    csv(pd.concat([r.per_class.assign(variant=r.name) for r in results], ignore_index=True)
-        [["variant", "class", "precision", "recall", "f1", "support"]], "per_class.csv")
-    notes = (f"\nTest split, {len(results[0].correct)} images. CI: percentile bootstrap, {confidence * 100:g}%. "
-             "Validation accuracy is what chose each model (from training); the ensemble averages the "
-             "variants' probabilities.\n\nMcNemar, exact: b = images only A classifies right, c = only B; "
-             "p_holm corrects for testing every pair.\n\n")
-    atomic_write_text(out / "comparison.md", markdown + notes + mcnemar_markdown(mcnemar))
-
-
-def _write_plots(plots: Path, results: list[VariantResult], images: dict[str, np.ndarray], labels: np.ndarray,
-                 classes: list[str], *, misclassified: int, confidence: float) -> None:
-    plot_accuracy([r.name for r in results], [r.test_accuracy for r in results], [r.ci_low for r in results],
-                  [r.ci_high for r in results], [r.val_accuracy for r in results], plots / "accuracy.png",
-                  confidence=confidence)
-    names = np.asarray(classes, dtype=object)
-    for r in results:
-        title = f"{r.name}: test accuracy {r.test_accuracy:.2%}"
-        plot_confusion(r.confusion, classes, plots / f"confusion_{r.name}.png", title=title)
-        # DVC's confusion template counts (actual, predicted) rows itself.
-        pairs = pd.DataFrame({"actual": names[labels], "predicted": names[r.predicted]})
-        atomic_write_text(plots / "confusion" / f"{r.name}.csv", pairs.to_csv(index=False, lineterminator="\n"))
-        if r.name in images:  # the ensemble has no single input size to show its mistakes at
-            worst = _most_confident_mistakes(r, misclassified)
-            plot_misclassified(images[r.name][worst], names[labels[worst]], names[r.predicted[worst]],
-                               r.probs[worst, r.predicted[worst]], plots / f"misclassified_{r.name}.png",
-                               title=f"{r.name}: most confident mistakes ({len(worst)} of {int((~r.correct).sum())})")
-
-
-def _most_confident_mistakes(r: VariantResult, limit: int) -> np.ndarray:
-    """Indices of wrong predictions, surest first (ties in test order): the most telling errors."""
-    wrong = np.flatnonzero(~r.correct)
-    confidence = r.probs[wrong, r.predicted[wrong]]
-    return wrong[np.argsort(-confidence, kind="stable")][:limit]
-
-
-def _log_variant_runs(run_ids: dict[str, str | None], results: dict[str, VariantResult], models: Path) -> None:
-    """Add the test metrics to each variant's own training run (its status is left as it is)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri())
-    now = int(time.time() * 1000)
-    for name, run_id in run_ids.items():
-        where = models / name / "run.json"
-        if run_id is None:
-            _warn(f"{where}: missing or without run_id; {name}'s test metrics are not logged to MLflow")
-            continue
-        try:
-            stage = client.get_run(run_id).info.lifecycle_stage
-        except MlflowException:
-            stage = None
-        if stage != "active":
-            _warn(f"{where}: run {run_id} is not in the MLflow store {tracking_uri()} (or is deleted); "
-                  f"{name}'s test metrics are not logged to it (set MLFLOW_TRACKING_URI to the store it "
-                  "was trained with)")
-            continue
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in results[name].metrics().items()])
-
-
-def _log_summary_run(experiment: str, logged_params: dict, results: list[VariantResult], mcnemar: pd.DataFrame,
-                     out: Path, plots: Path, run_ids: dict[str, str | None]) -> None:
-    """One run for the comparison: the ensemble's metrics, the p-values, the tables and figures.
-    The tags point at the training runs that were evaluated."""
-    import mlflow
-
-    tags = {"stage": "evaluate", **{f"run_id.{k}": v for k, v in run_ids.items() if v}}
-    with tracked_run(experiment=experiment, run_name="evaluate", tags=tags, params=logged_params):
-        ensemble = [r for r in results if r.name == ENSEMBLE]
-        if ensemble:
-            mlflow.log_metrics(ensemble[0].metrics())
-        mlflow.log_metrics({f"mcnemar_p.{a}_vs_{b}": p for a, b, p in
-                            zip(mcnemar["variant_a"], mcnemar["variant_b"], mcnemar["p_value"])})
-        for name in ("comparison.csv", "comparison.md", "mcnemar.csv", "per_class.csv"):
-            mlflow.log_artifact(str(out / name), "evaluation")
-        for png in sorted(plots.glob("*.png")):
-            mlflow.log_artifact(str(png), "plots")
-
-
-def _dvc_metrics(results: list[VariantResult], mcnemar: pd.DataFrame) -> dict:
-    """Only what the models and params determine, rounded, so a re-run writes the same bytes."""
-    metrics: dict = {r.name: {k: round(v, 6) for k, v in r.metrics().items()} for r in results}
-    # p-values to 6 significant digits, not decimals: a strong difference has p << 1e-6.
-    metrics["mcnemar"] = {f"{a}_vs_{b}": float(f"{p:.6g}") for a, b, p in
-                          zip(mcnemar["variant_a"], mcnemar["variant_b"], mcnemar["p_value"])}
-    return metrics
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    report = evaluate_variants(
+        variants=p.variants,
+        # The DVC stage that produces data/models/<name>, for error messages.
+        stages={name: f"train@{name}" if name in params.variants else name for name in p.variants},
+        split_dir=Path(args.split),
+        models_dir=Path(args.models),
+        val_metrics_dir=Path(args.val_metrics),
+        out_dir=Path(args.out),
+        plots_dir=Path(args.plots),
+        metrics_file=Path(args.metrics),
+        batch_size=p.batch_size,
+        bootstrap_samples=p.bootstrap_samples,
+        confidence=p.confidence,
+        ensemble=p.ensemble,
+        misclassified=p.misclassified,
+        seed=params.base.seed,
+        experiment=params.base.experiment,
+        logged_params={"seed": params.base.seed, "evaluate": p.model_dump()},
+    )
+    print(report, end="")
 
 
 if __name__ == "__main__":
