@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,16 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def use_mlflow_store(mp: pytest.MonkeyPatch, root: Path) -> str:
+    """Point MLflow (this process and its subprocesses) at a fresh sqlite store in ``root``, for
+    as long as ``mp`` lasts; returns the tracking URI."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(root)  # MLflow's default artifact root is ./mlruns: keep it out of the checkout
+    mp.setattr(sys, "path", list(sys.path))  # load_model prepends each model's code/ dir
+    return uri
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -14,6 +14,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import use_mlflow_store
 from tiny_model import encode, register_tiny
 
 from cnnlab.cli import DEFAULT_MODEL_URI, Outcome, default_model_uri, find_images, format_table
@@ -29,11 +31,8 @@ class Store:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     root = tmp_path_factory.mktemp("cli")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.chdir(root)  # MLflow's default artifact root is ./mlruns: keep it out of the checkout
-        mp.setattr(sys, "path", list(sys.path))  # load_model prepends the model's code/ dir
+        uri = use_mlflow_store(mp, root)
         register_tiny(root, uri, "cli-tiny", alias="best")
         (root / "params.yaml").write_text("registry:\n  model_name: cli-tiny\n  alias: best\n")
         images = root / "imgs"

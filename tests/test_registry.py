@@ -17,6 +17,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
+from conftest import use_mlflow_store
 from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
 from cnnlab.registry import Candidate, RegistryError, choose_champion, read_candidate, register_variants
 from cnnlab.serving import log_classifier
@@ -49,11 +50,7 @@ def log_variant(root: Path, variant: str, val_accuracy: float) -> Candidate:
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)  # the default artifact root ./mlruns lands here
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(use_mlflow_store(monkeypatch, tmp_path))
     return MlflowClient()
 
 

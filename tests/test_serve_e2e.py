@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+
+from conftest import use_mlflow_store
 from tiny_model import CLASSES, encode, register_tiny
 
 pytestmark = pytest.mark.slow
@@ -87,11 +89,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.chdir(root)  # MLflow's default artifact root is ./mlruns: keep it out of the checkout
-        mp.setattr(sys, "path", list(sys.path))  # load_model prepends the model's code/ dir
+        uri = use_mlflow_store(mp, root)
         model_uri = register_tiny(root, uri, NAME)
         port = free_port()
         bin_dir = str(Path(sys.executable).parent)

@@ -23,6 +23,8 @@ from mlflow.pyfunc.scoring_server import invocations
 from PIL import Image
 from torch import nn
 
+from conftest import use_mlflow_store
+
 from cnnlab.models.classifier import (
     ModelSpec,
     build_classifier,
@@ -75,9 +77,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Logge
     """One RGB and one L model, logged once per module (logging costs a few seconds)."""
     root = tmp_path_factory.mktemp("serving")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.chdir(root)  # MLflow's default artifact root is ./mlruns: keep it out of the checkout
-        mp.setattr(sys, "path", list(sys.path))  # load_model prepends each model's code/ dir
+        use_mlflow_store(mp, root)
         out = {}
         for mode in ("RGB", "L"):
             spec = ModelSpec(
