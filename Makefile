@@ -14,10 +14,18 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 setup: $(STAMP)
 
+# uv installs the ~6 GB of pinned wheels (torch's CUDA libraries) in parallel: 47 s here against
+# 3.5 min for pip. Where uv cannot reach the index (a private mirror set up for pip only), pip
+# does the same install. INSTALLER=pip skips uv.
+INSTALLER ?= uv
+UV_PIN    := uv==0.13.9
+
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing pinned packages into $(VENV) (first time: about 3 minutes)"
-	$(BIN)/pip install --disable-pip-version-check -qq -r requirements.lock
+	@echo "installing pinned packages into $(VENV) (first time: 1-4 minutes, several GB)"
+	@if [ "$(INSTALLER)" = uv ] && $(BIN)/pip install --disable-pip-version-check -qq $(UV_PIN) \
+	    && $(BIN)/uv pip install --python $(BIN)/python -q -r requirements.lock; then :; \
+	else echo "installing with pip"; $(BIN)/pip install --disable-pip-version-check -qq -r requirements.lock; fi
 	$(BIN)/pip install --disable-pip-version-check -qq --no-deps -e .
 	touch $@
 

@@ -17,10 +17,12 @@ are trained, side by side in one process, by:
 * baseline, num_workers=2: the same with two loader processes (a fairer baseline where worker
   processes are available; on a 2-core machine they compete with the training threads).
 * engine fp32: ``cnnlab.engine.fit`` on the uint8 tensor cache, fp32, NCHW: the data-path gain.
-* engine (params): the same with params.yaml's precision / memory layout (bf16 autocast +
-  channels_last): the data path plus the precision and layout gain.
-* with ``--all-layouts``, also engine fp32 + channels_last and bf16 + NCHW, which tell the
-  layout's share of that gain from the precision's.
+* engine (params): the same with params.yaml's precision / memory layout, ``precision: auto``
+  resolved as the train stage resolves it on this machine (bf16 only where the CPU has native
+  bf16: AVX512-BF16 or AMX; else fp32): the data path plus the precision and layout gain.
+* with ``--all-layouts``, every other cell of fp32/bf16 x NCHW/channels_last, which tells the
+  layout's share of that gain from the precision's, and checks that the params row is within
+  10% of the fastest cell (the default must be the fast choice on whatever CPU runs it).
 
 The engine uses params.yaml's ``train`` section, with the choices that would make the two loops
 train different things pinned to the baseline's: Adam, lr from params, no weight decay, no LR
@@ -35,7 +37,8 @@ oneDNN kernel selection, allocator growth; the median keeps it from dominating).
 Achieved FLOP/s = training FLOPs per image (3 x the forward FLOPs that
 ``torch.utils.flop_counter.FlopCounterMode`` counts for one batch, i.e. convolutions and
 matmuls only) x images/s, shown as a fraction of a 2048x2048 matmul measured in the same run in
-the matching precision (fp32 for the fp32 paths, bf16 for the bf16 path).
+the matching precision (fp32 for the fp32 paths, bf16 for the bf16 paths; not shown where the
+CPU only emulates bf16, whose peak is then measured on a 512x512 product to stay quick).
 
 Threads: ``torch.set_num_threads(torch.get_num_threads())``, i.e. PyTorch's default, one
 intra-op thread per core the process may use; both loops share it (DataLoader workers, when
@@ -71,12 +74,19 @@ from cnnlab.config import ConfigError, TrainParams, load_params
 from cnnlab.data.split import read_manifest
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train, split_classes, split_mode
 from cnnlab.engine import fit
+from cnnlab.hardware import cpu_features, resolve_runtime
 from cnnlab.models.classifier import ModelSpec, build_classifier
 from cnnlab.models.zoo import create_model, list_models
 from cnnlab.training import channel_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 4.0  # the project's goal: the engine at least 4x the baseline
+PARAMS_GOAL = 0.10  # params.yaml's configuration (precision: auto) within 10% of the fastest engine row
+
+
+def cfg_resolved_precision(params_path: Path) -> str:
+    cfg = load_params(params_path).train
+    return resolve_runtime(device="cpu", precision=cfg.precision, channels_last=cfg.channels_last).precision
 
 
 @dataclass
@@ -107,16 +117,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def cpu_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine from /proc/stat (steal counts as busy)."""
     try:
@@ -133,7 +133,9 @@ def own_cpu_seconds() -> float:
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, warmup: int = 3, min_seconds: float = 1.5) -> float:
-    """FLOP/s of an n x n matmul in ``dtype`` (2 n^3 per product), after ``warmup`` products."""
+    """FLOP/s of an n x n matmul in ``dtype`` (2 n^3 per product), after ``warmup`` products.
+    Callers pass a small ``n`` for a precision the CPU only emulates: a 2048 product then takes
+    many seconds and the peak is a few GFLOP/s."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
@@ -239,7 +241,10 @@ def engine_params(params_path: Path, arch: str, epochs: int, batch_size: int) ->
         scheduler="none", early_stopping_patience=None, loss="cross_entropy", label_smoothing=0.0,
         class_weights="none", grad_clip=None, accumulation_steps=1, init="default", device="cpu",
     )
-    return TrainParams(**{**base.model_dump(), **pinned})
+    cfg = TrainParams(**{**base.model_dump(), **pinned})
+    # "auto" resolves as the train stage resolves it on this machine: the row shows what runs.
+    rt = resolve_runtime(device="cpu", precision=cfg.precision, channels_last=cfg.channels_last)
+    return TrainParams(**{**cfg.model_dump(), "precision": rt.precision})
 
 
 # --------------------------------------------------------------------------------------- main
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--seed", type=int, default=None, help="default: params.yaml's base.seed")
     ap.add_argument("--all-layouts", action="store_true",
-                    help="also time the engine in fp32 + channels_last and bf16 + NCHW (about 1 minute more)")
+                    help="also time the engine in every other precision x layout cell (fp32/bf16 x NCHW/channels_last;"
+                         " minutes more where bf16 is emulated)")
     ap.add_argument("--verbose", action="store_true", help="show the engine's progress bars and epoch lines")
     args = ap.parse_args(argv)
 
@@ -289,9 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     own0 = own_cpu_seconds()
     torch.set_num_threads(torch.get_num_threads())  # PyTorch's default (one per usable core), stated
     threads = torch.get_num_threads()
-    flags = cpu_flags()
-    amx = "yes" if {"amx_bf16", "amx_tile"} <= flags else "no"
-    avx512_bf16 = "yes" if "avx512_bf16" in flags else "no"
+    features = cpu_features()  # what PyTorch detects, and so what `precision: auto` decides on
+    amx = "yes" if features.amx else "no"
+    avx512_bf16 = "yes" if features.avx512_bf16 else "no"
+    requested = load_params(args.params).train.precision
 
     # The tensor cache: decoded once, timed once, shared by every engine run.
     mode, classes = split_mode(split_dir), split_classes(split_dir)
@@ -314,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         f"NO ({len(folder_files)} files in the folder, {len(manifest_files)} in train.csv)")
 
     note("measuring matmul peaks ...")
-    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    # Emulated bf16 runs a 2048 product in many seconds: measure it smaller, and say so.
+    bf16_n = 2048 if features.native_bf16 else 512
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, n=bf16_n, warmup=1)}
 
     results: list[PathResult] = []
     flops: dict[str, tuple[float, float]] = {}
@@ -327,15 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         spec = ModelSpec(kind="zoo", arch=arch, classes=classes, mode=mode, image_size=size, mean=mean, std=std,
                          kwargs={"dropout": 0.0})
         configs = [cfg32]
-        if args.all_layouts:  # the two mixed cells, to tell the layout gain from the precision gain
-            configs += [TrainParams(**{**cfg.model_dump(), "precision": "fp32", "channels_last": True}),
-                        TrainParams(**{**cfg.model_dump(), "precision": "bf16", "channels_last": False})]
+        if args.all_layouts:  # every precision x layout cell: tells the layout gain from the precision gain
+            configs += [TrainParams(**{**cfg.model_dump(), "precision": p, "channels_last": cl})
+                        for p, cl in (("fp32", True), ("bf16", False), ("bf16", True))]
         configs = [c for c in configs if (c.precision, c.channels_last) != (cfg.precision, cfg.channels_last)]
         configs.append(cfg)  # the params configuration: always the last row
 
         def label(c: TrainParams) -> str:
-            return (f"engine ({c.precision}, {'channels_last' if c.channels_last else 'NCHW'}"
-                    f"{'; params' if c is cfg else ''})")
+            params_note = f"; params: {requested}" if c is cfg else ""
+            return f"engine ({c.precision}, {'channels_last' if c.channels_last else 'NCHW'}{params_note})"
 
         baselines = [PathResult(arch, f"baseline ImageFolder, num_workers={w}", "fp32") for w in args.workers]
         engines = [PathResult(arch, label(c), c.precision) for c in configs]
@@ -377,8 +386,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{machine_seconds:,.0f} CPU-s the machine had during the run ({share:.0%})"
               + (" -- the machine was NOT quiet: every figure below is depressed and noisy; re-run when idle"
                  if busy else ""))
-    print(f"- matmul peak (2048x2048, 3 warm-up products, then >= 1.5 s timed): "
-          f"fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s")
+    print(f"- matmul peak (>= 1.5 s timed after warm-up): fp32 {peak['fp32'] / 1e9:,.3g} GFLOP/s (2048x2048), "
+          f"bf16 {peak['bf16'] / 1e9:,.3g} GFLOP/s ({bf16_n}x{bf16_n})"
+          + ("" if features.native_bf16 else " -- this CPU has no native bf16 (no AVX512-BF16 or AMX): PyTorch "
+             "emulates it, so bf16 rows are slow and their '% of peak' is not shown"))
+    print(f"- params.yaml train.precision: {requested!r}, resolved here to {cfg_resolved_precision(args.params)!r}")
     print(f"- data: {len(train.versions):,} training images ({split_dir.name}/images/train, {mode}, {size}x{size}); "
           f"same files as train.csv: {same_data}; tensor cache build (once, untimed in the rows): "
           f"train {t_train_cache:.2f} s, val ({len(val):,} images) {t_val_cache:.2f} s")
@@ -400,9 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         ref = rows[0].images_per_second
         for r in rows:
             gflops = 3 * flops[arch][0] * r.images_per_second / 1e9
-            pct = 100 * gflops * 1e9 / peak[r.precision]
+            emulated = r.precision == "bf16" and not features.native_bf16
+            pct = "n/a (emulated)" if emulated else f"{100 * gflops * 1e9 / peak[r.precision]:.1f}%"
             print(f"| {arch} | {r.path} | {r.precision} | {r.images_per_second:,.0f} | "
-                  f"{r.images_per_second / ref:.2f}x | {gflops:.1f} | {pct:.1f}% |")
+                  f"{r.images_per_second / ref:.2f}x | {gflops:.1f} | {pct} |")
     print()
     print("Epoch times (s, every epoch of every repeat) and accuracy after the last epoch (sanity: the paths "
           "train the same thing; train accuracy is the running accuracy during the last epoch):\n")
@@ -429,6 +442,14 @@ def main(argv: list[str] | None = None) -> int:
             strict = "met" if engine / best.images_per_second >= GOAL else "not met"
             line += f"; {engine / best.images_per_second:.2f}x vs the fastest baseline ({best.path}): {strict}"
         print(line)
+    print(f"\nThe params configuration against the fastest engine row (goal: within {PARAMS_GOAL:.0%}):\n")
+    for arch, rows in by_model.items():
+        engines = rows[len(args.workers):]
+        best = max(engines, key=lambda r: r.images_per_second)
+        ratio = rows[-1].images_per_second / best.images_per_second
+        verdict = "MET" if ratio >= 1 - PARAMS_GOAL else "NOT MET"
+        print(f"- {arch}: {rows[-1].path} {rows[-1].images_per_second:,.0f} images/s = {ratio:.0%} of the fastest, "
+              f"{best.path} {best.images_per_second:,.0f} -> {verdict}")
     print("\nWhere the gain comes from (images/s ratios):\n")
     for arch, rows in by_model.items():
         base, e32, eng = rows[0], rows[len(args.workers)], rows[-1]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cnnlab.config import ConfigError, Params, load_params
+# On Apple's mps device an op Metal lacks runs on the CPU instead of stopping the stage; PyTorch
+# prints a warning naming the op. It must be set before torch loads, hence here, in the entry point.
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+
+from cnnlab.config import ConfigError, Params, load_params  # noqa: E402
 
 if TYPE_CHECKING:
     from cnnlab.training import TrainOutputs

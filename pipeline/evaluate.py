@@ -10,7 +10,7 @@ from cnnlab.evaluate import evaluate_variants
 
 
 def main() -> None:
-    args, params = parse(__doc__, "split", "models", "val_metrics", "out", "metrics", "plots")
+    args, params = parse(__doc__, "split", "models", "features", "val_metrics", "out", "metrics", "plots")
     p = params.evaluate
     report = evaluate_variants(
         variants=p.variants,
@@ -30,6 +30,8 @@ def main() -> None:
         seed=params.base.seed,
         experiment=params.base.experiment,
         logged_params={"seed": params.base.seed, "evaluate": p.model_dump()},
+        features_dir=Path(args.features),
+        device=p.device,
     )
     print(report, end="")
 

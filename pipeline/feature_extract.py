@@ -20,7 +20,7 @@ def main() -> None:
         fx=FeatureExtractConfig(backbone=p.backbone, weights=p.weights, image_size=p.image_size,
                                 extract_batch_size=p.batch_size, precision=p.precision,
                                 channels_last=p.channels_last, head_dropout=p.head_dropout,
-                                head_hidden=p.head_hidden),
+                                head_hidden=p.head_hidden, device=p.device, tf32=p.tf32),
         head_cfg=p.head_train_params(),
         seed=params.base.seed,
         experiment=params.base.experiment,
@@ -28,7 +28,7 @@ def main() -> None:
         out=train_outputs(args),
     )
     print(json.dumps({k: result[k] for k in ("val_accuracy", "best_epoch", "epochs_run",
-                                             "extract_images_per_second", "combined_model_val_accuracy",
+                                             "extract_images_per_second", "assembly_max_logit_diff",
                                              "run_id", "model_uri")}, indent=2))
 
 

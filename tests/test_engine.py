@@ -183,3 +183,23 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path):
     b = __import__("json").loads(resumed.stdout.strip().splitlines()[-1])
     assert b["resumed"] >= 2
     assert a["history"] == b["history"]
+
+
+def test_checkpoint_round_trips_scaler_and_rng_state(tmp_path: Path):
+    """What a GPU run needs to resume exactly: the GradScaler's scale and the RNG states."""
+    from cnnlab.engine import _Progress, _restore, _save_checkpoint
+
+    m = model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    torch.manual_seed(123)
+    _save_checkpoint(tmp_path / "c.pt", "fp", _Progress(epoch=3, best_state=m.state_dict()), m, opt, None, scaler,
+                     torch.device("cpu"), {"run_id": "r"})
+    expected = torch.rand(3)
+    state = load_checkpoint(tmp_path / "c.pt", "fp")
+    assert state["epoch"] == 3 and state["extra"] == {"run_id": "r"} and state["cuda_rng"] is None
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0)
+    torch.manual_seed(0)
+    run = _restore(state, model(seed=1), torch.optim.SGD(m.parameters(), lr=0.1), None, fresh, torch.device("cpu"))
+    assert run.epoch == 3 and fresh.get_scale() == 1024.0 and fresh.state_dict()["growth_interval"] == 7
+    assert torch.equal(torch.rand(3), expected)  # the global RNG continues where it was saved

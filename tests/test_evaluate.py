@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+from test_transfer import split_dir  # noqa: F401  (fixture)
+
 from cnnlab.data.split import run_split
 from cnnlab.data.tensors import load_split, split_classes
 from cnnlab.engine import predict_logits
@@ -187,7 +189,8 @@ def _run_stage(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec.loader.exec_module(module)
     monkeypatch.setattr(sys, "argv", [
         "evaluate.py", "--params", str(ws / "params.yaml"), "--split", str(ws / "split"), "--models",
-        str(ws / "models"), "--val-metrics", str(ws / "metrics"), "--out", str(ws / "evaluation"),
+        str(ws / "models"), "--features", str(ws / "features"), "--val-metrics", str(ws / "metrics"),
+        "--out", str(ws / "evaluation"),
         "--metrics", str(ws / "metrics" / "evaluate.json"), "--plots", str(ws / "plots")])
     module.main()
 
@@ -270,3 +273,38 @@ def test_a_missing_model_names_the_folder_and_the_stage_to_run(workspace: Path, 
     with pytest.raises(ValueError, match="'ensemble' is a reserved name"):
         _run_stage(workspace, monkeypatch)
     assert not (workspace / "evaluation").exists()
+
+
+def test_frozen_backbone_is_scored_from_its_own_cached_test_features(split_dir: Path, tmp_path: Path, capsys):  # noqa: F811,E501
+    """The feature_extract model's test logits come from the cache feature_extract wrote (no second
+    backbone pass) and equal a full forward; a model whose backbone differs is run in full."""
+    from cnnlab.evaluate import evaluate_variants
+    from cnnlab.models.classifier import save_classifier
+    from test_transfer import _run
+
+    _run(split_dir, tmp_path / "fx")
+    models, metrics = tmp_path / "models", tmp_path / "metrics"
+    model, spec = load_classifier(tmp_path / "fx" / "model")
+    save_classifier(model, spec, models / "feature_extract")
+    with torch.no_grad():  # a "fine-tuned" copy: same architecture, one backbone weight changed
+        model.net.features.conv_head.weight.mul_(1.01)
+    save_classifier(model, spec, models / "tuned")
+    metrics.mkdir()
+    for name in ("feature_extract", "tuned"):
+        (metrics / f"{name}.json").write_text(json.dumps({"val_accuracy": 0.5}))
+
+    def run(features: Path | None) -> pd.DataFrame:
+        capsys.readouterr()
+        evaluate_variants(variants=["feature_extract", "tuned"], stages={"feature_extract": "fx", "tuned": "ft"}, split_dir=split_dir, models_dir=models,
+                          val_metrics_dir=metrics, out_dir=tmp_path / "ev", plots_dir=tmp_path / "pl",
+                          metrics_file=tmp_path / "ev.json", batch_size=16, bootstrap_samples=100, confidence=0.95,
+                          ensemble=False, misclassified=2, seed=0, experiment="t", logged_params={},
+                          features_dir=features)
+        return pd.read_csv(tmp_path / "ev" / "comparison.csv").set_index("variant")
+
+    cached = run(tmp_path / "fx" / "features")
+    err = capsys.readouterr().err
+    assert "feature_extract: test features from" in err and "tuned: test features" not in err
+    full = run(None)
+    assert "test features from" not in capsys.readouterr().err
+    pd.testing.assert_frame_equal(cached, full, atol=1e-5, rtol=0)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 
@@ -128,3 +129,35 @@ def _fp(root: Path) -> str | None:
         return torch.load(root / "ckpt.pt", map_location="cpu", weights_only=True)["fingerprint"]
     except Exception:
         return None
+
+
+def test_cached_frozen_blocks_train_the_same_model_as_running_them(split_dir: Path, start: Path, tmp_path: Path):  # noqa: F811,E501
+    """Computing the frozen blocks once per image is an optimisation only: same weights, same
+    history, whether they run every epoch or not (up to float rounding of the layout)."""
+    ft = FineTuneConfig(unfreeze_blocks=4, block_lr_decay=0.5, unfreeze_every=0, train_bn=False)
+    runs = {}
+    for cache in (True, False):
+        runs[cache] = fine_tune(split_dir=split_dir, augmented_dir=None, start_model=start,
+                                ft=FineTuneConfig(**{**ft.__dict__, "cache_frozen": cache}), cfg=CFG, seed=0,
+                                experiment="t", logged_params={"cache": cache}, out=_outs(tmp_path / str(cache)))
+    cached, _ = load_classifier(tmp_path / "True" / "model")
+    plain, _ = load_classifier(tmp_path / "False" / "model")
+    a, b = cached.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys()  # the saved model is whole: the frozen blocks are back in place
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4), k
+    hist = [pd.read_csv(tmp_path / str(c) / "history.csv") for c in (True, False)]
+    assert (hist[0]["val_accuracy"] == hist[1]["val_accuracy"]).all()
+    assert (hist[0]["train_loss"] - hist[1]["train_loss"]).abs().max() < 1e-3
+
+
+def test_frozen_blocks_with_dropout_are_not_cached(start: Path):
+    from cnnlab.finetune import prefix_cacheable
+    from cnnlab.hardware import resolve_runtime
+
+    clf, _ = load_classifier(start)
+    rt = resolve_runtime(device="cpu", precision="fp32")
+    sample = torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8)
+    assert prefix_cacheable(clf, ["conv_stem", "bn1"], sample, rt=rt) is None
+    clf.net.features.bn1.add_module("drop", torch.nn.Dropout(0.1))  # a random op in a frozen block
+    assert "dropout" in prefix_cacheable(clf, ["conv_stem", "bn1"], sample, rt=rt)

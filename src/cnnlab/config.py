@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PerClassCap = Annotated[int, Field(ge=1)] | None
+# auto: resolved from the hardware's capabilities when a stage starts (cnnlab.hardware).
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 
 
 class ConfigError(ValueError):
@@ -127,9 +130,10 @@ class TrainParams(_Section):
     grad_clip: Annotated[float, Field(gt=0.0)] | None = None
     accumulation_steps: Annotated[int, Field(ge=1)] = 1
     init: Literal["default", "kaiming"] = "default"
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: PrecisionName = "auto"
     channels_last: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: DeviceName = "auto"
+    tf32: bool = True
 
     @model_validator(mode="after")
     def _compatible(self) -> TrainParams:
@@ -176,16 +180,18 @@ class FeatureExtractParams(_Section):
     weights: str | None = "default"
     image_size: Annotated[int, Field(ge=16, le=1024)] = 128
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: PrecisionName = "auto"
     channels_last: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: DeviceName = "auto"
+    tf32: bool = True
     head_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     head_hidden: Annotated[int, Field(ge=1)] | None = None
     head: HeadParams = HeadParams()
 
     def head_train_params(self) -> TrainParams:
         """The engine config for the head: vectors in, so fp32 and no channels_last."""
-        return TrainParams(**self.head.model_dump(), precision="fp32", channels_last=False, device=self.device)
+        return TrainParams(**self.head.model_dump(), precision="fp32", channels_last=False, device=self.device,
+                           tf32=self.tf32)
 
 
 class FineTuneParams(_LoopParams):
@@ -194,17 +200,19 @@ class FineTuneParams(_LoopParams):
     block_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
     unfreeze_every: Annotated[int, Field(ge=0)] = 0
     train_bn: bool = False
+    cache_frozen: bool = True
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.0003
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = 5
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: PrecisionName = "auto"
     channels_last: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: DeviceName = "auto"
+    tf32: bool = True
 
     def train_params(self) -> TrainParams:
         return TrainParams(**self.model_dump(exclude={"train_data", "unfreeze_blocks", "block_lr_decay",
-                                                      "unfreeze_every", "train_bn"}))
+                                                      "unfreeze_every", "train_bn", "cache_frozen"}))
 
 
 class EvaluateParams(_Section):
@@ -215,6 +223,7 @@ class EvaluateParams(_Section):
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
     ensemble: bool = True
     misclassified: Annotated[int, Field(ge=0, le=400)] = 36
+    device: DeviceName = "auto"
 
 
 class RegistryParams(_Section):

@@ -27,6 +27,7 @@ from torch import nn
 
 from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet
+from cnnlab.hardware import Runtime, resolve_runtime
 from cnnlab.progress import progress
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
@@ -87,22 +88,12 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainParams, steps_per_epoch
     return None, "epoch"
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU or fp16/bf16 on CUDA; fp32 = off.
-
-    On this project's CPU machines (AVX512-BF16, no AMX) bf16 + channels_last trained 1.2-1.3x
-    faster than fp32 + channels_last (bench/train_throughput.py); on CPUs with AMX the gain is larger.
-    """
+    """Autocast to bf16/fp16 for a resolved precision (`cnnlab.hardware`); fp32 = off."""
     if precision == "fp32":
         return nullcontext()
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision = 'fp16' needs CUDA; on CPU use 'bf16' or 'fp32'")
+        raise ValueError("precision = 'fp16' needs CUDA; on CPU use 'auto', 'bf16' or 'fp32'")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
@@ -112,26 +103,47 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device,
-                   precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
-    """Float32 logits for uint8 images, in batches, model in eval mode."""
+def _logits(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device, precision: str,
+            channels_last: bool) -> torch.Tensor:
+    """Float32 logits, left on ``device`` (one copy back at the end, not one sync per batch)."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = _to_device(images[start:start + batch_size], device, channels_last)
         with autocast(device, precision):
-            out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+            out.append(model(x).float())
+    return torch.cat(out) if out else torch.empty(0, device=device)
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device,
+                   precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+    """Float32 logits on the CPU for uint8 images, in batches, model in eval mode."""
+    return _logits(model, images, batch_size=batch_size, device=device, precision=precision,
+                   channels_last=channels_last).cpu()
 
 
 def evaluate(model: nn.Module, data: TensorSet, *, batch_size: int, device: torch.device,
              precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
     """Plain cross-entropy and exact per-sample accuracy (not a mean of batch means)."""
-    logits = predict_logits(model, data.images, batch_size=batch_size, device=device, precision=precision,
-                            channels_last=channels_last)
-    loss = F.cross_entropy(logits, data.labels, reduction="sum").item()
-    correct = (logits.argmax(1) == data.labels).sum().item()
+    logits = _logits(model, data.images, batch_size=batch_size, device=device, precision=precision,
+                     channels_last=channels_last)
+    labels = data.labels.to(logits.device)
+    loss = F.cross_entropy(logits, labels, reduction="sum").item()
+    correct = (logits.argmax(1) == labels).sum().item()
     return {"loss": loss / len(data), "accuracy": correct / len(data)}
+
+
+def resident(data: TensorSet, device: torch.device) -> TensorSet:
+    """``data`` moved onto an accelerator when it fits comfortably (a quarter of its free memory),
+    so a batch is an index into device memory rather than a host-to-device copy; else as is."""
+    if device.type == "cpu" or data.images.device == device:
+        return data
+    size = sum(t.numel() * t.element_size() for t in vars(data).values() if isinstance(t, torch.Tensor))
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 30  # mps: no query; 1 GiB
+    if size > free // 4:
+        return data
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(data).items()}
+    return type(data)(**moved)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -178,6 +190,20 @@ def load_checkpoint(path: Path | None, fingerprint: str) -> dict | None:
     return state
 
 
+@dataclass
+class _Progress:
+    """Everything about a run that is not the model/optimizer/scheduler state: what a checkpoint
+    adds to resume exactly, and what `fit` reports."""
+
+    epoch: int = 0  # last completed epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=lambda: {"epoch": 0, "val_accuracy": -1.0, "val_loss": math.inf})
+    best_state: dict | None = None
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+    seen: int = 0
+
+
 def fit(
     model: nn.Module,
     train: TrainSet,
@@ -185,6 +211,7 @@ def fit(
     cfg: TrainParams,
     *,
     seed: int,
+    runtime: Runtime | None = None,
     checkpoint: Path | None = None,
     fingerprint: str = "",
     extra: dict | None = None,
@@ -195,89 +222,57 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best weights by validation accuracy.
 
-    ``extra`` (e.g. the MLflow run id) is stored in the checkpoint and handed back on resume.
-    ``augment`` is applied per sample to uint8 images when augmenting on the fly.
-    ``param_groups`` (optimizer groups with their own "lr") give discriminative learning rates;
-    ``before_epoch(epoch, model)`` runs after ``model.train()``, e.g. to unfreeze blocks or keep
-    frozen BatchNorm layers in eval mode. It must depend on the epoch alone, so resuming works.
+    ``runtime`` is the stage's resolved device and precision (`cnnlab.hardware.resolve_runtime`);
+    None resolves ``cfg``'s. ``extra`` (e.g. the MLflow run id) is stored in the checkpoint and
+    handed back on resume. ``augment`` is applied per sample to uint8 images when augmenting on
+    the fly. ``param_groups`` (optimizer groups with their own "lr") give discriminative learning
+    rates; ``before_epoch(epoch, model)`` runs after ``model.train()``, e.g. to unfreeze blocks or
+    keep frozen BatchNorm layers in eval mode. It must depend on the epoch alone, so resuming works.
     """
-    device = resolve_device(cfg.device)
+    rt = runtime or resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last,
+                                    tf32=cfg.tf32)
+    device = rt.device
     model.to(device)
-    if cfg.channels_last:
+    if rt.channels_last:
         model.to(memory_format=torch.channels_last)
+    if augment is None:  # on-the-fly augmentation works on CPU tensors, one image at a time
+        train = resident(train, device)
+    val = resident(val, device)
     n = len(train.versions)
     steps = math.ceil(n / cfg.batch_size)
-    originals = train.labels[train.versions[:, 0]]
+    originals = train.labels[train.versions[:, 0]].cpu()
     weight = balanced_class_weights(originals, int(originals.max()) + 1) if cfg.class_weights == "balanced" else None
     criterion = make_criterion(cfg, weight).to(device)
     opt = make_optimizer(param_groups if param_groups is not None else model.parameters(), cfg)
     sched, sched_when = make_scheduler(opt, cfg, steps)
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and device.type == "cuda" else None
+    # fp16's narrow range underflows small gradients; the scaler keeps them representable.
+    scaler = torch.amp.GradScaler("cuda") if rt.precision == "fp16" and device.type == "cuda" else None
 
-    history: list[dict[str, float]] = []
-    best = {"epoch": 0, "val_accuracy": -1.0, "val_loss": math.inf}
-    best_state = copy.deepcopy(model.state_dict())
-    bad_epochs, start, train_seconds, seen = 0, 1, 0.0, 0
+    run = _Progress(best_state=copy.deepcopy(model.state_dict()))
     state = load_checkpoint(checkpoint, fingerprint)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        best_state, best, history = state["best_state"], state["best"], state["history"]
-        bad_epochs, train_seconds, seen = state["bad_epochs"], state["train_seconds"], state["seen"]
-        torch.set_rng_state(state["rng"])
-        start = state["epoch"] + 1
+        run = _restore(state, model, opt, sched, scaler, device)
         extra = {**(extra or {}), **state.get("extra", {})}
-        print(f"resuming from {checkpoint} after epoch {state['epoch']}", file=sys.stderr)
-    resumed_from = start - 1
+        print(f"resuming from {checkpoint} after epoch {run.epoch}", file=sys.stderr)
+    resumed_from = run.epoch
 
     stopped_early = False
-    for epoch in range(start, cfg.epochs + 1):
-        if cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience:
+    for epoch in range(run.epoch + 1, cfg.epochs + 1):
+        if cfg.early_stopping_patience is not None and run.bad_epochs >= cfg.early_stopping_patience:
             stopped_early = True
             break
         model.train()
         if before_epoch is not None:
             before_epoch(epoch, model)
-        gen = epoch_generator(seed, epoch)
-        order = torch.randperm(n, generator=gen)
-        pick = torch.randint(0, train.versions.shape[1], (n,), generator=gen)
-        rows = train.versions[order, pick[order]]
-        loss_sum, correct = 0.0, 0
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        for b in progress(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
-            idx = rows[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x, y = train.images[idx], train.labels[idx]
-            if augment is not None:
-                x = torch.stack([augment(img) for img in x])
-            x, y = _to_device(x, device, cfg.channels_last), y.to(device)
-            with autocast(device, cfg.precision):
-                logits = model(x)
-            loss = criterion(logits.float(), y)
-            group = min(cfg.accumulation_steps, steps - (b // cfg.accumulation_steps) * cfg.accumulation_steps)
-            (scaler.scale(loss / group) if scaler else loss / group).backward()
-            if (b + 1) % cfg.accumulation_steps == 0 or b + 1 == steps:
-                if scaler:
-                    scaler.unscale_(opt)
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                if sched is not None and sched_when == "batch":
-                    sched.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+        loss_sum, correct = _train_epoch(model, train, cfg, rt, criterion, opt, scaler,
+                                         sched if sched_when == "batch" else None, seed=seed, epoch=epoch,
+                                         augment=augment)
         epoch_seconds = time.perf_counter() - t0
-        train_seconds += epoch_seconds
-        seen += n
+        run.train_seconds += epoch_seconds
+        run.seen += n
         metrics = evaluate(model, val, batch_size=max(256, cfg.batch_size), device=device,
-                           precision=cfg.precision, channels_last=cfg.channels_last)
+                           precision=rt.precision, channels_last=rt.channels_last)
         lr = opt.param_groups[0]["lr"]
         if sched is not None and sched_when == "epoch":
             sched.step()
@@ -286,33 +281,113 @@ def fit(
         row = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n,
                "val_loss": metrics["loss"], "val_accuracy": metrics["accuracy"], "lr": lr,
                "epoch_seconds": epoch_seconds}
-        history.append(row)
-        improved = row["val_accuracy"] > best["val_accuracy"] or (
-            row["val_accuracy"] == best["val_accuracy"] and row["val_loss"] < best["val_loss"])
-        if improved:
-            best = {"epoch": epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
-            best_state = copy.deepcopy(model.state_dict())
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
+        improved = _record(run, row, model)
         print(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
               f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}"
               f"{' *' if improved else ''}", file=sys.stderr)
         if on_epoch is not None:
             on_epoch(row)
         if checkpoint is not None:
-            _atomic_save({
-                "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else {},
-                "best_state": best_state, "best": best, "history": history, "bad_epochs": bad_epochs,
-                "train_seconds": train_seconds, "seen": seen, "rng": torch.get_rng_state(),
-                "extra": extra or {},
-            }, checkpoint)
+            _save_checkpoint(checkpoint, fingerprint, run, model, opt, sched, scaler, device, extra)
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(run.best_state)
     return FitResult(
-        history=history, best_epoch=best["epoch"], best_val_accuracy=best["val_accuracy"],
-        best_val_loss=best["val_loss"], stopped_early=stopped_early, train_seconds=train_seconds,
-        train_images_per_second=seen / train_seconds if train_seconds else 0.0,
+        history=run.history, best_epoch=int(run.best["epoch"]), best_val_accuracy=run.best["val_accuracy"],
+        best_val_loss=run.best["val_loss"], stopped_early=stopped_early, train_seconds=run.train_seconds,
+        train_images_per_second=run.seen / run.train_seconds if run.train_seconds else 0.0,
         resumed_from_epoch=resumed_from, extra=extra or {},
     )
+
+
+def _train_epoch(model: nn.Module, train: TrainSet, cfg: TrainParams, rt: Runtime, criterion: nn.Module,
+                 opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, batch_sched, *, seed: int,
+                 epoch: int, augment: Augment | None) -> tuple[float, int]:
+    """One pass over the training set in a seeded order; returns (summed loss, correct count).
+
+    The sums stay on the device and are read once at the end: a per-batch ``.item()`` would wait
+    for the GPU after every batch.
+    """
+    device, n = rt.device, len(train.versions)
+    steps = math.ceil(n / cfg.batch_size)
+    gen = epoch_generator(seed, epoch)
+    order = torch.randperm(n, generator=gen)
+    pick = torch.randint(0, train.versions.shape[1], (n,), generator=gen)
+    rows = train.versions.cpu()[order, pick[order]].to(train.images.device)
+    # float64 like the Python floats these sums once were; Metal has no float64
+    loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    opt.zero_grad(set_to_none=True)
+    for b in progress(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
+        idx = rows[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        x, y = train.images[idx], train.labels[idx]
+        if augment is not None:
+            x = torch.stack([augment(img) for img in x])
+        x, y = _to_device(x, device, rt.channels_last), y.to(device, non_blocking=True)
+        with autocast(device, rt.precision):
+            logits = model(x)
+        loss = criterion(logits.float(), y)
+        group = min(cfg.accumulation_steps, steps - (b // cfg.accumulation_steps) * cfg.accumulation_steps)
+        (scaler.scale(loss / group) if scaler else loss / group).backward()
+        if (b + 1) % cfg.accumulation_steps == 0 or b + 1 == steps:
+            if scaler:
+                scaler.unscale_(opt)
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            if batch_sched is not None:
+                batch_sched.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item(), int(correct.item())
+
+
+def _record(run: _Progress, row: dict[str, float], model: nn.Module) -> bool:
+    """Add an epoch to the history; keep the weights when validation improved. Returns improved."""
+    run.epoch = int(row["epoch"])
+    run.history.append(row)
+    improved = row["val_accuracy"] > run.best["val_accuracy"] or (
+        row["val_accuracy"] == run.best["val_accuracy"] and row["val_loss"] < run.best["val_loss"])
+    if improved:
+        run.best = {"epoch": run.epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
+        run.best_state = copy.deepcopy(model.state_dict())
+        run.bad_epochs = 0
+    else:
+        run.bad_epochs += 1
+    return improved
+
+
+def _save_checkpoint(path: Path, fingerprint: str, run: _Progress, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched, scaler: torch.amp.GradScaler | None, device: torch.device, extra: dict | None) -> None:
+    """Everything needed to resume bit for bit, RNG states included, written atomically."""
+    _atomic_save({
+        "fingerprint": fingerprint, "epoch": run.epoch, "model": model.state_dict(),
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else {},
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "best_state": run.best_state, "best": run.best, "history": run.history, "bad_epochs": run.bad_epochs,
+        "train_seconds": run.train_seconds, "seen": run.seen, "rng": torch.get_rng_state(),
+        # dropout on a GPU draws from the GPU's generator
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "extra": extra or {},
+    }, path)
+
+
+def _restore(state: dict, model: nn.Module, opt: torch.optim.Optimizer, sched,
+             scaler: torch.amp.GradScaler | None, device: torch.device) -> _Progress:
+    """Load a checkpoint's state into the model, optimizer, scheduler, scaler and RNGs."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return _Progress(epoch=state["epoch"], history=state["history"], best=state["best"],
+                     best_state=state["best_state"], bad_epochs=state["bad_epochs"],
+                     train_seconds=state["train_seconds"], seen=state["seen"])

@@ -19,6 +19,8 @@ import torch
 from cnnlab.config import ConfigError
 from cnnlab.data.tensors import TensorSet, load_split, split_classes
 from cnnlab.engine import predict_logits
+from cnnlab.features import FeatureCache, trunk_digest
+from cnnlab.hardware import Runtime, resolve_runtime
 from cnnlab.evaluation import (ENSEMBLE, VariantResult, best_by_validation, comparison_markdown, comparison_table,
                                ensemble_probabilities, mcnemar_markdown, mcnemar_pairs, mcnemar_table, score,
                                softmax)
@@ -26,9 +28,8 @@ from cnnlab.io import atomic_write_text, staged_dir, write_json
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
 from cnnlab.progress import progress
 from cnnlab.report import plot_accuracy, plot_confusion, plot_misclassified
-from cnnlab.tracking import tracked_run, tracking_uri
+from cnnlab.tracking import files_digest, tracked_run, tracking_uri
 
-CPU = torch.device("cpu")  # fp32 on CPU: the reported numbers must not depend on the machine's GPU
 
 
 @dataclass(frozen=True)
@@ -58,18 +59,25 @@ def evaluate_variants(
     seed: int,
     experiment: str,
     logged_params: dict[str, Any],
+    features_dir: Path | None = None,
+    device: str = "auto",
 ) -> str:
     """Evaluate ``models_dir/<variant>`` for each variant and write every output; returns the
     comparison and McNemar tables as Markdown. ``stages`` maps a variant to the DVC stage that
-    trains it, for error messages."""
+    trains it, for error messages. A frozen-backbone variant is scored from the test features
+    in ``features_dir`` when they were made by exactly its backbone (see `cnnlab.features`)."""
     _check_names(variants)
+    # fp32 with TF32 off on any device: the reported numbers are the model's, not the hardware's.
+    rt = resolve_runtime(device=device, precision="fp32", channels_last=True, tf32=False)
+    print(f"evaluate: {rt.describe()}", file=sys.stderr)
     if not (split_dir / "test.csv").exists():
         raise FileNotFoundError(f"{split_dir / 'test.csv'}: no test split; run `dvc repro split`")
     classes = split_classes(split_dir)
     loaded = [_load_variant(name, models_dir, val_metrics_dir, classes, stages[name]) for name in variants]
 
     results, labels, images = _score_variants(loaded, split_dir, classes, batch_size=batch_size,
-                                              bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed)
+                                              bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
+                                              rt=rt, cache=FeatureCache(features_dir) if features_dir else None)
     members = list(results)
     if ensemble and len(members) > 1:  # an ensemble of one would only repeat its member
         results.append(score(ENSEMBLE, ensemble_probabilities([r.probs for r in members]), labels, classes=classes,
@@ -88,7 +96,7 @@ def evaluate_variants(
         _write_plots(plots, results, images, labels, classes, misclassified=misclassified, confidence=confidence)
         # Inside the staged block: if MLflow fails, the previous outputs stay as they were.
         _log_variant_runs(run_ids, {r.name: r for r in members}, models_dir)
-        _log_summary_run(experiment, logged_params, results, mcnemar, out, plots, run_ids)
+        _log_summary_run(experiment, logged_params, results, mcnemar, out, plots, run_ids, rt.tags())
     write_json(metrics_file, _dvc_metrics(results, mcnemar))
     return markdown + f"\nMcNemar, exact (b: only A right, c: only B right):\n{mcnemar_markdown(mcnemar)}"
 
@@ -124,8 +132,8 @@ def _load_variant(name: str, models: Path, val_metrics: Path, classes: list[str]
 
 
 def _score_variants(variants: list[Variant], split_dir: Path, classes: list[str], *, batch_size: int,
-                    bootstrap_samples: int, confidence: float,
-                    seed: int) -> tuple[list[VariantResult], np.ndarray, dict[str, np.ndarray]]:
+                    bootstrap_samples: int, confidence: float, seed: int, rt: Runtime, cache: FeatureCache | None,
+                    ) -> tuple[list[VariantResult], np.ndarray, dict[str, np.ndarray]]:
     """Each variant's test predictions scored; also the labels and the images each model saw."""
     tests: dict[tuple[str, int], TensorSet] = {}  # decoded once per input mode and size, shared
     results, images = [], {}
@@ -133,28 +141,44 @@ def _score_variants(variants: list[Variant], split_dir: Path, classes: list[str]
         key = (v.spec.mode, v.spec.image_size)
         if key not in tests:
             tests[key] = load_split(split_dir, "test", mode=v.spec.mode, size=v.spec.image_size)
-        probs = _predict(v.model, tests[key].images, batch_size=batch_size, desc=f"test {v.name}")
-        results.append(score(v.name, probs, tests[key].labels.numpy(), classes=classes,
+        logits = _cached_logits(v, split_dir, tests[key], cache, rt=rt)
+        if logits is None:
+            logits = _predict(v.model, tests[key].images, batch_size=batch_size, rt=rt, desc=f"test {v.name}")
+        results.append(score(v.name, softmax(logits.numpy()), tests[key].labels.numpy(), classes=classes,
                              bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
                              val_accuracy=v.val_accuracy, parameters=_parameters(v.model)))
         images[v.name] = tests[key].images.numpy()
     return results, next(iter(tests.values())).labels.numpy(), images
 
 
+def _cached_logits(v: Variant, split_dir: Path, test: TensorSet, cache: FeatureCache | None, *,
+                   rt: Runtime) -> torch.Tensor | None:
+    """A frozen-backbone model's test logits from the feature cache: its head on the fp32 test
+    features that feature_extract computed with this very backbone. None when there are none."""
+    if cache is None or v.spec.kind != "backbone":
+        return None
+    record = {"trunk": trunk_digest(v.model, arch=v.spec.arch, mode=v.spec.mode, image_size=v.spec.image_size),
+              "manifest": files_digest(split_dir / "test.csv"), "precision": "fp32"}
+    hit = cache.load("test", record)
+    if hit is None or not torch.equal(hit[1], test.labels):
+        return None
+    print(f"{v.name}: test features from {cache.folder} (its backbone's own, computed once)", file=sys.stderr)
+    return predict_logits(v.model.net.head.to(rt.device), hit[0], batch_size=4096, device=rt.device)
+
+
 def _parameters(model: torch.nn.Module) -> int:
     return sum(t.numel() for t in model.parameters())
 
 
-def _predict(model: Classifier, images: torch.Tensor, *, batch_size: int, desc: str) -> np.ndarray:
-    """float64 probabilities from fp32 logits, one progress step per batch."""
+def _predict(model: Classifier, images: torch.Tensor, *, batch_size: int, rt: Runtime, desc: str) -> torch.Tensor:
+    """fp32 logits on the CPU, one progress step per batch."""
     # channels_last stays fp32 (same numbers on every re-run) but ran EfficientNet-Lite0 at
     # 128 px 1.6-1.8x faster here than NCHW (~14 -> ~25 img/s on a busy 2-core CPU).
-    model.to(memory_format=torch.channels_last)
+    model.to(rt.device).to(memory_format=torch.channels_last)
     starts = range(0, len(images), batch_size)
-    logits = [predict_logits(model, images[s:s + batch_size], batch_size=batch_size, device=CPU,
-                             channels_last=True)
-              for s in progress(starts, desc=desc, total=len(starts), unit="batch")]
-    return softmax(torch.cat(logits).numpy())
+    return torch.cat([predict_logits(model, images[s:s + batch_size], batch_size=batch_size, device=rt.device,
+                                     channels_last=True)
+                      for s in progress(starts, desc=desc, total=len(starts), unit="batch")])
 
 
 def _write_tables(out: Path, comparison: pd.DataFrame, markdown: str, mcnemar: pd.DataFrame,
@@ -226,12 +250,12 @@ def _log_variant_runs(run_ids: dict[str, str | None], results: dict[str, Variant
 
 
 def _log_summary_run(experiment: str, logged_params: dict, results: list[VariantResult], mcnemar: pd.DataFrame,
-                     out: Path, plots: Path, run_ids: dict[str, str | None]) -> None:
+                     out: Path, plots: Path, run_ids: dict[str, str | None], runtime_tags: dict[str, str]) -> None:
     """One run for the comparison: the ensemble's metrics, the p-values, the tables and figures.
     The tags point at the training runs that were evaluated."""
     import mlflow
 
-    tags = {"stage": "evaluate", **{f"run_id.{k}": v for k, v in run_ids.items() if v}}
+    tags = {"stage": "evaluate", **runtime_tags, **{f"run_id.{k}": v for k, v in run_ids.items() if v}}
     with tracked_run(experiment=experiment, run_name="evaluate", tags=tags, params=logged_params):
         ensemble = [r for r in results if r.name == ENSEMBLE]
         if ensemble:

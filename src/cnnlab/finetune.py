@@ -10,6 +10,9 @@ overwritten by small batches of a different domain.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +22,14 @@ import torch
 from torch import nn
 
 from cnnlab.config import TrainParams
-from cnnlab.data.tensors import load_split, load_train
-from cnnlab.engine import fit, load_checkpoint
+from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train
+from cnnlab.engine import autocast, fit, load_checkpoint
+from cnnlab.hardware import Runtime, resolve_runtime
 from cnnlab.models.backbones import create_backbone
 from cnnlab.models.classifier import Classifier, load_classifier
-from cnnlab.tracking import params_hash, tracked_run
-from cnnlab.training import TrainOutputs, files_digest, record_variant
+from cnnlab.progress import progress
+from cnnlab.tracking import files_digest, params_hash, tracked_run
+from cnnlab.training import TrainOutputs, record_variant
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -35,6 +40,7 @@ class FineTuneConfig:
     block_lr_decay: float  # lr of block k from the top = lr * decay ** k (head: lr)
     unfreeze_every: int  # gradual unfreezing: one more block every this many epochs; 0 = all at once
     train_bn: bool = False  # False: every BatchNorm keeps its ImageNet statistics (the lesson's advice)
+    cache_frozen: bool = True  # compute the frozen blocks' output once per image, not once per epoch
 
 
 def active_blocks(top: list[str], epoch: int, every: int) -> list[str]:
@@ -75,11 +81,94 @@ def make_before_epoch(top: list[str], every: int, train_bn: bool):
     return before_epoch
 
 
+class _Stop(Exception):
+    """Raised by a forward hook to end a forward pass once the frozen prefix's output is known."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        self.output = output
+
+
+@torch.inference_mode()
+def prefix_outputs(clf: Classifier, last_frozen: str, images: torch.Tensor, *, rt: Runtime,
+                   batch_size: int = 128) -> torch.Tensor:
+    """What the frozen prefix (normalization through ``last_frozen``) makes of each uint8 image,
+    in eval mode: computed once, instead of once per epoch. The rest of the net is never run."""
+    def stop(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        raise _Stop(output)
+
+    handle = clf.net.features.get_submodule(last_frozen).register_forward_hook(stop)
+    clf.eval().to(rt.device)
+    out = []
+    try:
+        for start in progress(range(0, len(images), batch_size), desc=f"frozen blocks up to {last_frozen}",
+                              unit="batch"):
+            x = images[start:start + batch_size].to(rt.device)
+            if rt.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            try:
+                with autocast(rt.device, rt.precision):
+                    clf(x)
+            except _Stop as done:
+                out.append(done.output.cpu())
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+class FromPrefix(nn.Module):
+    """``clf`` run from its frozen prefix's output: the prefix modules are swapped for Identity
+    while this wrapper is in use (`swap_prefix`), so its state dict holds the trained part only.
+    ``net`` is the classifier's own net, so param groups and `before_epoch` work on it unchanged."""
+
+    def __init__(self, clf: Classifier) -> None:
+        super().__init__()
+        self.net = clf.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.head(self.net.features(x))
+
+
+@contextmanager
+def swap_prefix(clf: Classifier, frozen: list[str]) -> Iterator[None]:
+    """Replace the frozen modules by Identity for the block, and put them back afterwards."""
+    features = clf.net.features
+    saved = {name: features.get_submodule(name) for name in frozen}
+    try:
+        for name in frozen:
+            features.set_submodule(name, nn.Identity())
+        yield
+    finally:
+        for name, module in saved.items():
+            features.set_submodule(name, module)
+
+
+def prefix_cacheable(clf: Classifier, frozen: list[str], sample: torch.Tensor, *, rt: Runtime) -> str | None:
+    """Why the frozen prefix cannot be cached (None when it can): its output must not depend on
+    train/eval mode (no dropout), and running the net from it must give the whole net's logits."""
+    if not frozen:
+        return "no block is frozen"
+    cached = prefix_outputs(clf, frozen[-1], sample, rt=rt)
+    features = clf.net.features
+    trained_mode = [m for name in frozen for m in features.get_submodule(name).modules()
+                    if isinstance(m, (nn.Dropout, nn.Dropout2d)) or type(m).__name__ == "DropPath"]
+    if any(getattr(m, "p", getattr(m, "drop_prob", 0.0)) for m in trained_mode):
+        return "a frozen block has dropout, which is random in training mode"
+    with torch.inference_mode():
+        whole = clf.eval()(sample.to(rt.device)).float().cpu()
+        with swap_prefix(clf, frozen):
+            part = FromPrefix(clf).eval()(cached.to(rt.device)).float().cpu()
+    if not torch.allclose(whole, part, rtol=1e-3, atol=1e-3 * max(1.0, float(whole.abs().max()))):
+        return "the backbone's forward is not a chain of its blocks"
+    return None
+
+
 def fine_tune(
     *, split_dir: Path, augmented_dir: Path | None, start_model: Path, ft: FineTuneConfig, cfg: TrainParams,
     seed: int, experiment: str, logged_params: dict[str, Any], out: TrainOutputs,
 ) -> dict[str, Any]:
     """Unfreeze the top blocks of the feature_extract model and train; one MLflow run."""
+    rt = resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, tf32=cfg.tf32)
+    print(f"fine_tune: {rt.describe()}", file=sys.stderr)
     torch.manual_seed(seed)
     clf, spec = load_classifier(start_model)
     if spec.kind != "backbone":
@@ -89,24 +178,38 @@ def fine_tune(
         raise ValueError(f"fine_tune.unfreeze_blocks = {ft.unfreeze_blocks}: {spec.arch} has "
                          f"{len(info.blocks)} blocks ({', '.join(info.blocks)})")
     top = list(reversed(info.blocks))[: ft.unfreeze_blocks]  # nearest the head first
+    frozen = [b for b in info.blocks if b not in top]  # input side first
     train = load_train(split_dir, augmented_dir, mode=spec.mode, size=spec.image_size)
     val = load_split(split_dir, "val", mode=spec.mode, size=spec.image_size)
+
+    why_not = prefix_cacheable(clf, frozen, val.images[:8], rt=rt) if ft.cache_frozen else "cache_frozen is off"
+    if why_not is None:
+        print(f"fine_tune: {', '.join(frozen)} stay frozen all run; their output is computed once per image",
+              file=sys.stderr)
+        train = TrainSet(prefix_outputs(clf, frozen[-1], train.images, rt=rt), train.labels, train.versions)
+        val = TensorSet(prefix_outputs(clf, frozen[-1], val.images, rt=rt), val.labels)
+    elif frozen:
+        print(f"fine_tune: the frozen blocks run every epoch ({why_not})", file=sys.stderr)
 
     manifests = [split_dir / "train.csv", split_dir / "val.csv", start_model / "weights.pt"]
     if augmented_dir is not None:
         manifests.append(augmented_dir / "train.csv")
-    fingerprint = params_hash({"params": logged_params, "data": files_digest(*manifests)})
+    fingerprint = params_hash({"params": logged_params, "data": files_digest(*manifests), "runtime": rt.key,
+                               "from_prefix": why_not is None})
     previous = load_checkpoint(out.checkpoint, fingerprint)
-    with tracked_run(experiment=experiment, run_name="fine_tune", tags={"variant": "fine_tune", "stage": "fine_tune"},
+    with tracked_run(experiment=experiment, run_name="fine_tune",
+                     tags={"variant": "fine_tune", "stage": "fine_tune", **rt.tags()},
                      params=logged_params, run_id=previous["extra"].get("run_id") if previous else None) as run:
-        result = fit(
-            clf, train, val, cfg, seed=seed, checkpoint=out.checkpoint, fingerprint=fingerprint,
-            extra={"run_id": run.info.run_id},
-            param_groups=param_groups(clf, top, lr=cfg.lr, decay=ft.block_lr_decay),
-            before_epoch=make_before_epoch(top, ft.unfreeze_every, ft.train_bn),
-            on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
-                                                    step=int(row["epoch"])),
-        )
+        with swap_prefix(clf, frozen if why_not is None else []):
+            result = fit(
+                FromPrefix(clf) if why_not is None else clf, train, val, cfg, seed=seed, runtime=rt,
+                checkpoint=out.checkpoint, fingerprint=fingerprint, extra={"run_id": run.info.run_id},
+                param_groups=param_groups(clf, top, lr=cfg.lr, decay=ft.block_lr_decay),
+                before_epoch=make_before_epoch(top, ft.unfreeze_every, ft.train_bn),
+                on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                                                        step=int(row["epoch"])),
+            )
+        # The trained modules live inside clf and the frozen ones are back: clf is the whole model.
         for p in clf.parameters():
             p.requires_grad_(True)
         metrics, timing, run_info = record_variant(

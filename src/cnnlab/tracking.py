@@ -75,6 +75,14 @@ def params_hash(d: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
 
+def files_digest(*paths: Path) -> str:
+    """Short fingerprint of the files' contents, in order: equal digest = same data."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def git_commit(cwd: Path | None = None) -> str | None:
     """HEAD of the checkout (``-dirty`` with local changes); None when unknowable. Never raises."""
     # GIT_OPTIONAL_LOCKS=0: `git status` must not take index.lock, which would race with a

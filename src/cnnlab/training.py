@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,13 @@ from cnnlab.data.augment import build_policy
 from cnnlab.data.split import read_manifest
 from cnnlab.data.tensors import load_split, load_train, split_classes, split_mode
 from cnnlab.engine import FitResult, fit, load_checkpoint
+from cnnlab.hardware import resolve_runtime
 from cnnlab.io import write_csv, write_json
 from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
 from cnnlab.models.zoo import init_weights
 from cnnlab.plots import plot_history
 from cnnlab.serving import log_classifier
-from cnnlab.tracking import params_hash, tracked_run
+from cnnlab.tracking import files_digest, params_hash, tracked_run
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
 
@@ -35,13 +36,6 @@ class TrainOutputs:
     history: Path  # DVC plots CSV, x = epoch
     curves: Path  # PNG
     checkpoint: Path  # last-epoch state for resuming; removed when the stage succeeds
-
-
-def files_digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -64,6 +58,8 @@ def train_variant(
     out: TrainOutputs,
 ) -> dict[str, Any]:
     """Train one variant end to end; returns its metrics (also written to ``out.metrics``)."""
+    rt = resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, tf32=cfg.tf32)
+    print(f"train@{variant}: {rt.describe()}", file=sys.stderr)
     torch.manual_seed(seed)
     mode, classes = split_mode(split_dir), split_classes(split_dir)
     train = load_train(split_dir, None if on_the_fly else augmented_dir, mode=mode, size=cfg.image_size)
@@ -81,14 +77,15 @@ def train_variant(
     manifests = [split_dir / "train.csv", split_dir / "val.csv"]
     if augmented_dir is not None:
         manifests.append(augmented_dir / "train.csv")
-    fingerprint = params_hash({"params": logged_params, "data": files_digest(*manifests)})
+    fingerprint = params_hash({"params": logged_params, "data": files_digest(*manifests), "runtime": rt.key})
     previous = load_checkpoint(out.checkpoint, fingerprint)
     resume_run = previous["extra"].get("run_id") if previous else None
 
-    with tracked_run(experiment=experiment, run_name=variant, tags={"variant": variant, "stage": "train"},
+    with tracked_run(experiment=experiment, run_name=variant,
+                     tags={"variant": variant, "stage": "train", **rt.tags()},
                      params=logged_params, run_id=resume_run) as run:
         result = fit(
-            model, train, val, cfg, seed=seed, checkpoint=out.checkpoint, fingerprint=fingerprint,
+            model, train, val, cfg, seed=seed, runtime=rt, checkpoint=out.checkpoint, fingerprint=fingerprint,
             extra={"run_id": run.info.run_id}, augment=augment,
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
                                                     step=int(row["epoch"])),

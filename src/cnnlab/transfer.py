@@ -6,6 +6,7 @@ like every other variant.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,29 +14,18 @@ from typing import Any
 
 import mlflow
 import torch
-from torch import nn
 
 from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, split_classes, split_mode
-from cnnlab.engine import evaluate, fit, predict_logits, resolve_device
+from cnnlab.engine import fit, predict_logits
+from cnnlab.features import FeatureCache, Trunk, trunk_digest
+from cnnlab.hardware import Runtime, resolve_runtime
 from cnnlab.models.backbones import build_pretrained_classifier, create_backbone
 from cnnlab.models.classifier import Classifier, ModelSpec
-from cnnlab.tracking import params_hash, tracked_run
-from cnnlab.training import TrainOutputs, files_digest, record_variant
+from cnnlab.tracking import files_digest, params_hash, tracked_run
+from cnnlab.training import TrainOutputs, record_variant
 
 SPLITS = ("train", "val", "test")
-
-
-class Trunk(nn.Module):
-    """A backbone Classifier without its head: uint8 images -> pooled features."""
-
-    def __init__(self, clf: Classifier) -> None:
-        super().__init__()
-        self.clf = clf
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self.clf.mean) / self.clf.std
-        return self.clf.net.features(self.clf.net.to_rgb(x))
 
 
 def backbone_spec(split_dir: Path, *, backbone: str, weights: str, image_size: int, dropout: float,
@@ -51,37 +41,53 @@ def backbone_spec(split_dir: Path, *, backbone: str, weights: str, image_size: i
                      kwargs={"dropout": dropout, "hidden": hidden, "weights": weights})
 
 
-def cached_features(
-    clf: Classifier, split_dir: Path, cache_dir: Path, *, mode: str, size: int, key: str, batch_size: int,
-    precision: str, channels_last: bool, device: torch.device,
-) -> tuple[dict[str, TensorSet], float]:
-    """Features of every split, from ``cache_dir`` when it was made with the same ``key`` (backbone,
-    weights, size, data), else computed once and written there. Returns (sets, images/s or 0)."""
-    key_file = cache_dir / "key.txt"
-    if key_file.exists() and key_file.read_text() == key:
-        sets = {}
-        for split in SPLITS:
-            data = torch.load(cache_dir / f"{split}.pt", map_location="cpu", weights_only=True)
-            sets[split] = TensorSet(data["features"], data["labels"])
-        print(f"reusing cached features in {cache_dir}")
-        return sets, 0.0
-    trunk = Trunk(clf).eval().to(device)
-    if channels_last:
+def split_precision(split: str, rt: Runtime) -> str:
+    """The training features use the stage's precision; validation and test features are what the
+    model is chosen and tested on, so they are computed in fp32, as the served model computes
+    (and `evaluate` reuses the test features instead of running the backbone again)."""
+    return rt.precision if split == "train" else "fp32"
+
+
+def cached_features(clf: Classifier, spec: ModelSpec, split_dir: Path, cache: FeatureCache, *, batch_size: int,
+                    rt: Runtime) -> tuple[dict[str, TensorSet], float]:
+    """Features of every split: from ``cache`` where its record matches, else computed once and
+    written there. Returns (sets, images/s of what was computed, 0 when all was reused)."""
+    trunk = Trunk(clf).eval().to(rt.device)
+    if rt.channels_last:
         trunk.to(memory_format=torch.channels_last)
+    digest = trunk_digest(clf, arch=spec.arch, mode=spec.mode, image_size=spec.image_size)
     sets, seconds, count = {}, 0.0, 0
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    key_file.unlink(missing_ok=True)  # a crash below must not leave a key that vouches for old files
     for split in SPLITS:
-        images = load_split(split_dir, split, mode=mode, size=size)
+        record = {"trunk": digest, "manifest": files_digest(split_dir / f"{split}.csv"),
+                  "precision": split_precision(split, rt)}
+        hit = cache.load(split, record)
+        if hit is not None:
+            print(f"reusing cached {split} features in {cache.folder}")
+            sets[split] = TensorSet(*hit)
+            continue
+        images = load_split(split_dir, split, mode=spec.mode, size=spec.image_size)
         t0 = time.perf_counter()
-        feats = predict_logits(trunk, images.images, batch_size=batch_size, device=device, precision=precision,
-                               channels_last=channels_last)
+        feats = predict_logits(trunk, images.images, batch_size=batch_size, device=rt.device,
+                               precision=record["precision"], channels_last=rt.channels_last)
         seconds += time.perf_counter() - t0
         count += len(images)
+        cache.save(split, record, feats, images.labels)
         sets[split] = TensorSet(feats, images.labels)
-        torch.save({"features": feats, "labels": images.labels}, cache_dir / f"{split}.pt")
-    key_file.write_text(key)
     return sets, count / seconds if seconds else 0.0
+
+
+def check_assembly(clf: Classifier, spec: ModelSpec, split_dir: Path, val_features: torch.Tensor, *,
+                   rt: Runtime, sample: int = 32) -> float:
+    """The head put back on the backbone must give what the head gave on the cached features
+    (checked on ``sample`` validation images, fp32); returns the largest logit difference."""
+    images = load_split(split_dir, "val", mode=spec.mode, size=spec.image_size, limit=sample).images
+    whole = predict_logits(clf, images, batch_size=sample, device=rt.device, channels_last=rt.channels_last)
+    head = predict_logits(clf.net.head, val_features[:len(images)], batch_size=sample, device=rt.device)
+    diff = float((whole - head).abs().max()) if len(images) else 0.0
+    if diff > 1e-3 * max(1.0, float(head.abs().max())):
+        raise RuntimeError(f"the assembled model's logits differ from its head's on cached features by {diff:.3g}; "
+                           "the feature cache is out of step with the backbone: delete data/features and re-run")
+    return diff
 
 
 @dataclass(frozen=True)
@@ -90,10 +96,12 @@ class FeatureExtractConfig:
     weights: str | None
     image_size: int
     extract_batch_size: int
-    precision: str  # of the extraction pass
+    precision: str  # of the training split's extraction pass ("auto" resolves per machine)
     channels_last: bool
     head_dropout: float
     head_hidden: int | None
+    device: str = "auto"
+    tf32: bool = True
 
 
 def feature_extract(
@@ -101,32 +109,32 @@ def feature_extract(
     experiment: str, logged_params: dict[str, Any], out: TrainOutputs,
 ) -> dict[str, Any]:
     """The `feature_extract` stage: cached backbone features, a head trained on them, one MLflow run."""
+    rt = resolve_runtime(device=fx.device, precision=fx.precision, channels_last=fx.channels_last, tf32=fx.tf32)
+    print(f"feature_extract: {rt.describe()}", file=sys.stderr)
     torch.manual_seed(seed)
     spec = backbone_spec(split_dir, backbone=fx.backbone, weights=fx.weights, image_size=fx.image_size,
                          dropout=fx.head_dropout, hidden=fx.head_hidden)
     clf = build_pretrained_classifier(spec)
-    device = resolve_device(head_cfg.device)
-    data_key = files_digest(*(split_dir / f"{s}.csv" for s in SPLITS))
-    key = params_hash({"backbone": fx.backbone, "weights": fx.weights, "size": fx.image_size,
-                       "precision": fx.precision, "data": data_key})
-    sets, extract_rate = cached_features(clf, split_dir, cache_dir, mode=spec.mode, size=spec.image_size, key=key,
-                                         batch_size=fx.extract_batch_size, precision=fx.precision,
-                                         channels_last=fx.channels_last, device=device)
+    sets, extract_rate = cached_features(clf, spec, split_dir, FeatureCache(cache_dir),
+                                         batch_size=fx.extract_batch_size, rt=rt)
     train = TrainSet(sets["train"].images, sets["train"].labels, torch.arange(len(sets["train"]))[:, None])
-    cfg, head = head_cfg, clf.net.head
+    head_rt = resolve_runtime(device=rt.device.type, precision=head_cfg.precision,
+                              channels_last=head_cfg.channels_last, tf32=head_cfg.tf32)
     with tracked_run(experiment=experiment, run_name="feature_extract",
-                     tags={"variant": "feature_extract", "stage": "feature_extract"}, params=logged_params) as run:
-        result = fit(head, train, sets["val"], cfg, seed=seed, checkpoint=out.checkpoint,
-                     fingerprint=params_hash({"params": logged_params, "key": key}),
+                     tags={"variant": "feature_extract", "stage": "feature_extract", **rt.tags()},
+                     params=logged_params) as run:
+        result = fit(clf.net.head, train, sets["val"], head_cfg, seed=seed, runtime=head_rt,
+                     checkpoint=out.checkpoint,
+                     fingerprint=params_hash({"params": logged_params, "features": [
+                         files_digest(cache_dir / f"{s}.pt") for s in ("train", "val")]}),
                      on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
                                                              step=int(row["epoch"])))
         # The head trained in place inside clf, so clf is now the complete image classifier.
-        check = evaluate(clf, load_split(split_dir, "val", mode=spec.mode, size=spec.image_size),
-                         batch_size=fx.extract_batch_size, device=device, precision=fx.precision)
+        clf.to(rt.device)
+        diff = check_assembly(clf, spec, split_dir, sets["val"].images, rt=rt)
         metrics, timing, run_info = record_variant(
             run, variant="feature_extract", model=clf, spec=spec, result=result, out=out, split_dir=split_dir,
             experiment=experiment, title=f"feature_extract: frozen {fx.backbone} + head",
-            extra_metrics={"extract_images_per_second": extract_rate,
-                           "combined_model_val_accuracy": check["accuracy"]})
+            extra_metrics={"extract_images_per_second": extract_rate, "assembly_max_logit_diff": diff})
     out.checkpoint.unlink(missing_ok=True)
     return {**metrics, **timing, **run_info}

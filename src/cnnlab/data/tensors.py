@@ -60,8 +60,10 @@ def _load(rows: list[dict], *, mode: Mode, size: int, desc: str) -> TensorSet:
     return TensorSet(images, torch.tensor([r["label"] for r in rows], dtype=torch.int64))
 
 
-def load_split(split_dir: Path, split: str, *, mode: Mode, size: int) -> TensorSet:
-    return _load(read_manifest(split_dir, split), mode=mode, size=size, desc=f"load {split}")
+def load_split(split_dir: Path, split: str, *, mode: Mode, size: int, limit: int | None = None) -> TensorSet:
+    """The split's images in manifest order (the first ``limit`` only, when given)."""
+    rows = read_manifest(split_dir, split)
+    return _load(rows if limit is None else rows[:limit], mode=mode, size=size, desc=f"load {split}")
 
 
 def load_train(split_dir: Path, augmented_dir: Path | None, *, mode: Mode, size: int) -> TrainSet:
