@@ -29,7 +29,7 @@ from torchvision.transforms import v2  # noqa: E402
 
 from cnnlab.config import AugmentParams  # noqa: E402
 from cnnlab.data.split import MANIFEST_FIELDS, read_manifest  # noqa: E402
-from cnnlab.io import staged_dir, write_csv, write_json  # noqa: E402
+from cnnlab.files import staged_dir, write_csv, write_json  # noqa: E402
 from cnnlab.progress import progress  # noqa: E402
 
 _AUTO = {

@@ -22,7 +22,7 @@ from typing import Any
 from cnnlab.data.archive import safe_extract
 from cnnlab.data.fetch import ChecksumError, DownloadError, download
 from cnnlab.data.idx import FASHION_MNIST_FILES, payload_md5
-from cnnlab.io import staged_dir, write_json
+from cnnlab.files import staged_dir, write_json
 
 
 class SourceError(RuntimeError):

@@ -26,7 +26,7 @@ from cnnlab.data.folders import scan_image_folder
 from cnnlab.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
 from cnnlab.data.images import IMAGE_EXTENSIONS, ImageDecodeError, convert_mode, downscale, load_image
 from cnnlab.data.sources import read_source_info
-from cnnlab.io import staged_dir, write_csv, write_json
+from cnnlab.files import staged_dir, write_csv, write_json
 from cnnlab.progress import progress
 
 SPLITS = ("train", "val", "test")
