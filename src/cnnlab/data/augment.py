@@ -7,10 +7,11 @@ or the split changes.
 Output folder (``data/augmented``)::
 
     images/<class>/<name>-aug<k>.png    copy k of each training image
-    train.csv                           manifest: path, label, class, source (the original)
+    train.csv                           manifest: path, label, class, source (the original's path)
     policy.json                         the augment params that made them
 
-plus a preview grid (originals beside their copies) at a path of the caller's choosing.
+plus a preview grid (originals beside their copies) at a path of the caller's choosing. The
+manifest's paths are relative (``source`` to the split folder) and use '/' on every OS.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def run_augment(
                     rel = f"images/{row['class']}/{stem}-aug{k}.png"
                     to_image(tensor).save(tmp / rel, format="PNG", compress_level=3)
                     out_rows.append({"path": rel, "label": row["label"], "class": row["class"],
-                                     "source": str(Path(row["path"]).relative_to(split_dir))})
+                                     "source": Path(row["path"]).relative_to(split_dir).as_posix()})
                 if i in preview_idx:
                     preview.append((row["class"], original, augmented[:6]))
             write_csv(tmp / "train.csv", MANIFEST_FIELDS, out_rows)
