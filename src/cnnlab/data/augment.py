@@ -19,19 +19,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+# The object API, not pyplot: importing cnnlab must not switch the caller's matplotlib backend.
+from matplotlib.figure import Figure
+from PIL import Image
+from torchvision.transforms import v2
 
-matplotlib.use("Agg")  # stages run headless
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
-
-from cnnlab.config import AugmentParams  # noqa: E402
-from cnnlab.data.split import MANIFEST_FIELDS, read_manifest  # noqa: E402
-from cnnlab.files import staged_dir, write_csv, write_json  # noqa: E402
-from cnnlab.progress import progress  # noqa: E402
+from cnnlab.config import AugmentParams
+from cnnlab.data.split import MANIFEST_FIELDS, read_manifest
+from cnnlab.files import staged_dir, write_csv, write_json
+from cnnlab.progress import progress
 
 _AUTO = {
     "trivial_augment_wide": v2.TrivialAugmentWide,
@@ -100,7 +98,8 @@ def preview_picks(labels: Sequence[int], n: int, seed: int) -> set[int]:
 def save_preview(path: Path, rows: Sequence[tuple[str, torch.Tensor, list[torch.Tensor]]]) -> None:
     """A grid: one row per sampled image, its original first, then its copies."""
     n_cols = 1 + max(len(copies) for _, _, copies in rows)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.4 * n_cols, 1.5 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(1.4 * n_cols, 1.5 * len(rows)))
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, (cls, original, copies) in enumerate(rows):
         for c, ax in enumerate(axes[r]):
             if c > len(copies):
@@ -116,7 +115,6 @@ def save_preview(path: Path, rows: Sequence[tuple[str, torch.Tensor, list[torch.
         axes[0][c].set_title(f"copy {c}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_augment(
