@@ -30,7 +30,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $@
 
 # The offline default dataset: Debian's dataset-fashion-mnist, when apt is here and we are root.
-# Without it the download stage fetches the same files from the official mirror (needs internet).
+# Without it the download stage fetches the same files from the official mirrors (needs internet).
 data-deps:
 	@if [ -f $(FMNIST) ]; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

@@ -8,7 +8,7 @@ from pathlib import Path
 from _common import parse, run
 
 from cnnlab.data.augment import build_policy, run_augment
-from cnnlab.io import write_json
+from cnnlab.files import write_json
 
 
 def main() -> None:

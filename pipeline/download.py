@@ -18,7 +18,7 @@ def main() -> None:
     p = params.download
     out = Path(args.out)
     if p.source == "fashion_mnist":
-        info = fetch_fashion_mnist(out, local_dir=Path(p.fashion_mnist_dir), base_url=p.fashion_mnist_url,
+        info = fetch_fashion_mnist(out, local_dir=Path(p.fashion_mnist_dir), mirrors=p.fashion_mnist_url,
                                    max_bytes=p.max_download_bytes, timeout_s=p.timeout_s)
     elif p.source == "url":
         info = fetch_url_archive(out, url=p.url, sha256=p.sha256, max_bytes=p.max_download_bytes,

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 from _common import parse, run
 
-from cnnlab.io import write_json
+from cnnlab.files import write_json
 from cnnlab.registry import RegistryError, read_candidate, register_variants
 from cnnlab.tracking import tracking_uri
 

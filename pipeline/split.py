@@ -11,7 +11,7 @@ from cnnlab.data.folders import LayoutError
 from cnnlab.data.idx import IdxFormatError
 from cnnlab.data.sources import SourceError
 from cnnlab.data.split import SplitError, run_split
-from cnnlab.io import write_json
+from cnnlab.files import write_json
 
 
 def main() -> None:

@@ -1,13 +1,17 @@
+import csv
 import hashlib
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import pytest
 import torch
 from PIL import Image
 
+import cnnlab.data.augment
+import cnnlab.data.tensors
 from cnnlab.config import AugmentParams
 from cnnlab.data.augment import augment_image, build_policy, preview_picks, run_augment
 from cnnlab.data.split import read_manifest, run_split
+from cnnlab.data.tensors import load_train
 
 
 @pytest.fixture
@@ -52,6 +56,44 @@ def test_same_seed_same_bytes_other_seed_other_bytes(split_dir: Path, tmp_path: 
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def _column(csv_file: Path, name: str) -> list[str]:
+    with open(csv_file, newline="", encoding="utf-8") as fh:
+        return [row[name] for row in csv.DictReader(fh)]
+
+
+def test_sources_are_posix_paths_on_windows_too(split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # What pathlib.Path is on Windows: the same parts, joined by str() with backslashes.
+    monkeypatch.setattr(cnnlab.data.augment, "Path", PureWindowsPath)
+    run_augment(split_dir, tmp_path / "aug", tmp_path / "preview.png", policy_params=AugmentParams(), copies=2,
+                seed=1, preview_images=2)
+    sources = _column(tmp_path / "aug" / "train.csv", "source")
+    assert not any("\\" in s for s in sources)
+    # the split's `path` column: POSIX, relative to the split folder
+    assert sources == [p for p in _column(split_dir / "train.csv", "path") for _ in range(2)]
+
+
+def test_train_set_finds_copies_by_posix_source_on_windows_too(
+    split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    run_augment(split_dir, tmp_path / "aug", tmp_path / "preview.png", policy_params=AugmentParams(), copies=2,
+                seed=1, preview_images=2)
+    monkeypatch.setattr(cnnlab.data.tensors, "Path", PureWindowsPath)  # as on Windows
+    data = load_train(split_dir, tmp_path / "aug", mode="L", size=28)
+    assert data.versions.tolist() == [[i, 30 + 2 * i, 31 + 2 * i] for i in range(30)]
+
+
+def test_train_set_refuses_backslash_sources_with_what_to_do(split_dir: Path, tmp_path: Path):
+    aug = tmp_path / "aug"
+    run_augment(split_dir, aug, tmp_path / "preview.png", policy_params=AugmentParams(), copies=1, seed=1,
+                preview_images=2)
+    text = (aug / "train.csv").read_text(encoding="utf-8")
+    first = _column(aug / "train.csv", "source")[0]
+    (aug / "train.csv").write_text(text.replace(first, first.replace("/", "\\"), 1), encoding="utf-8")
+    refused = r"train.csv row 2: source 'images\\\\train.*has backslashes.*dvc repro augment"
+    with pytest.raises(ValueError, match=refused):
+        load_train(split_dir, aug, mode="L", size=28)
 
 
 def test_copies_actually_differ_from_the_original():

@@ -87,6 +87,17 @@ def test_url_source_requires_checksum():
     assert ok.download.sha256 == "a" * 64
 
 
+def test_fashion_mnist_url_takes_one_url_or_a_list_of_http_urls():
+    # One string was the only form before mirrors; params files that still use it keep working.
+    one = parse_params({"download": {"fashion_mnist_url": "http://mirror.example/fm"}})
+    assert one.download.fashion_mnist_url == ["http://mirror.example/fm"]
+    not_http = r"download.fashion_mnist_url: 'ftp://mirror.example/fm' is not an http\(s\) URL"
+    with pytest.raises(ConfigError, match=not_http):
+        parse_params({"download": {"fashion_mnist_url": ["https://ok.example", "ftp://mirror.example/fm"]}})
+    with pytest.raises(ConfigError, match=r"download.fashion_mnist_url = \[\]: List should have at least 1 item"):
+        parse_params({"download": {"fashion_mnist_url": []}})
+
+
 def test_null_cap_means_all():
     assert parse_params({"split": {"max_train_per_class": None}}).split.max_train_per_class is None
 

@@ -32,7 +32,7 @@ from cnnlab.models.classifier import (
     register_kind,
     save_classifier,
 )
-from cnnlab.serving import log_classifier, predict_images
+from cnnlab.serving import SCORING_SERVER_ENV, log_classifier, predict_images
 from cnnlab.tracking import tracked_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,6 +321,28 @@ def test_fresh_process_without_the_checkout(logged: dict[str, Logged], tmp_path:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(result["cnnlab"]).is_relative_to(Path(result["local"]) / "code")
     assert_same(pd.DataFrame(result["predictions"]), in_process(logged["RGB"], IMAGES))
+
+
+def test_loading_sets_threads_only_inside_the_scoring_server(
+    logged: dict[str, Logged], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The variable is MLflow's private way to hand the scoring server its model.
+    assert SCORING_SERVER_ENV == mlflow.pyfunc.scoring_server._SERVER_MODEL_PATH
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    monkeypatch.delenv(SCORING_SERVER_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # a user's choice, which the server's cap of min(4, cores) is not
+        mlflow.pyfunc.load_model(logged["L"].model_uri)  # as in a notebook
+        assert torch.get_num_threads() == 1
+        if cores < 2:
+            pytest.skip("one usable core: the server's cap is 1 thread too, nothing to tell apart")
+        monkeypatch.setenv(SCORING_SERVER_ENV, logged["L"].model_uri)
+        mlflow.pyfunc.load_model(logged["L"].model_uri)  # as `mlflow models serve` does
+        assert torch.get_num_threads() == min(4, cores)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])

@@ -15,7 +15,9 @@ import pytest
 from cnnlab.data.archive import UnsafeArchiveError
 from cnnlab.data.fetch import ChecksumError
 from cnnlab.data.idx import FASHION_MNIST_FILES
-from cnnlab.data.sources import SourceError, copy_local_folder, fetch_fashion_mnist, fetch_url_archive
+from cnnlab.config import DownloadParams
+from cnnlab.data.sources import (SourceError, copy_local_folder, fashion_mnist_urls, fetch_fashion_mnist,
+                                   fetch_url_archive)
 from conftest import make_image_folder
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -38,7 +40,7 @@ def _closed_port_url() -> str:
 
 
 def test_fashion_mnist_from_the_debian_package(debian_files: Path, tmp_path: Path):
-    info = fetch_fashion_mnist(tmp_path / "raw", local_dir=debian_files, base_url=_closed_port_url(), **LIMITS)
+    info = fetch_fashion_mnist(tmp_path / "raw", local_dir=debian_files, mirrors=[_closed_port_url()], **LIMITS)
     assert sorted(p.name for p in (tmp_path / "raw" / "idx").iterdir()) == sorted(FASHION_MNIST_FILES)
     assert json.loads((tmp_path / "raw" / "source.json").read_text()) == info
     assert info["payload_md5"] == FASHION_MNIST_FILES
@@ -48,8 +50,59 @@ def test_fashion_mnist_over_http_when_not_installed(debian_files: Path, static_s
     served, url = static_server
     for name in FASHION_MNIST_FILES:
         shutil.copy(debian_files / name, served / name)
-    info = fetch_fashion_mnist(tmp_path / "raw", local_dir=tmp_path / "nowhere", base_url=url, **LIMITS)
+    info = fetch_fashion_mnist(tmp_path / "raw", local_dir=tmp_path / "nowhere", mirrors=[url], **LIMITS)
     assert info["origins"]["t10k-labels-idx1-ubyte.gz"] == f"{url}/t10k-labels-idx1-ubyte.gz"
+
+
+def test_fashion_mnist_default_mirrors_are_the_published_locations():
+    # S3 *website* endpoints speak plain HTTP only: an https:// URL to one never connects.
+    mirrors = DownloadParams().fashion_mnist_url
+    github = "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion"
+    s3 = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+    assert {name: fashion_mnist_urls(mirrors, name) for name in FASHION_MNIST_FILES} == {
+        "train-images-idx3-ubyte.gz": [f"{github}/train-images-idx3-ubyte.gz", f"{s3}/train-images-idx3-ubyte.gz"],
+        "train-labels-idx1-ubyte.gz": [f"{github}/train-labels-idx1-ubyte.gz", f"{s3}/train-labels-idx1-ubyte.gz"],
+        "t10k-images-idx3-ubyte.gz": [f"{github}/t10k-images-idx3-ubyte.gz", f"{s3}/t10k-images-idx3-ubyte.gz"],
+        "t10k-labels-idx1-ubyte.gz": [f"{github}/t10k-labels-idx1-ubyte.gz", f"{s3}/t10k-labels-idx1-ubyte.gz"],
+    }
+    assert fashion_mnist_urls([f"{s3}/"], "x.gz") == [f"{s3}/x.gz"]
+
+
+def _serve_fashion_mnist(debian_files: Path, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for name in FASHION_MNIST_FILES:
+        (folder / name).symlink_to(debian_files / name)  # the server follows links; no 30 MB copy
+
+
+@pytest.mark.parametrize("first", ["unreachable", "missing", "damaged"])
+def test_fashion_mnist_falls_through_to_the_next_mirror(debian_files: Path, static_server, tmp_path: Path,
+                                                        first: str):
+    served, url = static_server
+    _serve_fashion_mnist(debian_files, served / "good")
+    (served / "bad").mkdir()
+    if first == "damaged":  # served fine, but not the published file: must not be accepted
+        for name in FASHION_MNIST_FILES:
+            with gzip.open(served / "bad" / name, "wb") as fh:
+                fh.write(b"\x00\x00\x08\x01" + b"\x00" * 8)
+    bad = _closed_port_url() if first == "unreachable" else f"{url}/bad"
+    info = fetch_fashion_mnist(tmp_path / "raw", local_dir=tmp_path / "nowhere", mirrors=[bad, f"{url}/good"],
+                               **LIMITS)
+    assert info["origins"] == {name: f"{url}/good/{name}" for name in FASHION_MNIST_FILES}
+    assert sorted(p.name for p in (tmp_path / "raw" / "idx").iterdir()) == sorted(FASHION_MNIST_FILES)
+
+
+def test_fashion_mnist_every_mirror_failing_names_every_url(static_server, tmp_path: Path):
+    served, url = static_server
+    (served / "empty").mkdir()
+    closed = _closed_port_url()
+    with pytest.raises(SourceError) as err:
+        fetch_fashion_mnist(tmp_path / "raw", local_dir=tmp_path / "nowhere",
+                            mirrors=[closed, f"{url}/empty"], **LIMITS)
+    msg = str(err.value)
+    assert f"could not download {closed}/train-images-idx3-ubyte.gz" in msg
+    assert f"{url}/empty/train-images-idx3-ubyte.gz: the server answered HTTP 404" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+    assert not (tmp_path / "raw").exists()
 
 
 def test_fashion_mnist_damaged_file_is_refused_and_old_output_kept(debian_files: Path, tmp_path: Path):
@@ -61,14 +114,14 @@ def test_fashion_mnist_damaged_file_is_refused_and_old_output_kept(debian_files:
     dest.mkdir()
     (dest / "keep.txt").write_text("previous good output")
     with pytest.raises(ChecksumError, match="t10k-labels-idx1-ubyte.gz: decompressed-payload md5 mismatch"):
-        fetch_fashion_mnist(dest, local_dir=local, base_url=_closed_port_url(), **LIMITS)
+        fetch_fashion_mnist(dest, local_dir=local, mirrors=[_closed_port_url()], **LIMITS)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert (dest / "keep.txt").read_text() == "previous good output"
 
 
 def test_fashion_mnist_offline_and_not_installed_says_what_to_do(tmp_path: Path):
     with pytest.raises(SourceError, match="apt-get install dataset-fashion-mnist"):
-        fetch_fashion_mnist(tmp_path / "raw", local_dir=tmp_path / "nowhere", base_url=_closed_port_url(), **LIMITS)
+        fetch_fashion_mnist(tmp_path / "raw", local_dir=tmp_path / "nowhere", mirrors=[_closed_port_url()], **LIMITS)
     assert not (tmp_path / "raw").exists()
 
 

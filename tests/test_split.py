@@ -1,12 +1,14 @@
 import csv
+import dataclasses
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import cnnlab.data.split
 from cnnlab.data.folders import LayoutError, scan_image_folder
 from cnnlab.data.images import IMAGE_EXTENSIONS
 from cnnlab.data.split import SplitError, read_manifest, run_split, stratified_split
@@ -116,6 +118,33 @@ def test_run_split_quarantines_bad_files_and_keeps_going(tmp_path: Path):
         with Image.open(r["path"]) as im:
             assert im.mode == "L" and im.size == (24, 20)
     assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]
+
+
+class _WindowsRelative(type(Path())):
+    """A real file here whose path relative to a folder comes out as on Windows (backslashes)."""
+
+    def relative_to(self, *other):
+        return PureWindowsPath(*super().relative_to(*other).parts)
+
+
+def test_manifest_sources_and_quarantine_are_posix_paths_on_windows_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    raw = _raw_folder(tmp_path)
+    (raw / "images" / "cat" / "empty.jpg").write_bytes(b"")
+
+    def scan_as_on_windows(*args):
+        classes, items, skipped = scan_image_folder(*args)
+        return classes, [dataclasses.replace(it, path=_WindowsRelative(it.path)) for it in items], skipped
+
+    monkeypatch.setattr(cnnlab.data.split, "scan_image_folder", scan_as_on_windows)
+    out = tmp_path / "split"
+    run_split(raw, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=None,
+              max_val_per_class=None, max_test_per_class=None, max_image_pixels=10_000, max_side=None,
+              color_mode="auto")
+    assert list(_quarantine(out)) == ["images/cat/empty.jpg"]
+    sources = sorted(r["source"] for s in ("train", "val", "test") for r in read_manifest(out, s))
+    assert sources == sorted(f"images/{c}/{i:03d}.png" for c in ("cat", "dog") for i in range(12))
 
 
 def test_run_split_from_idx_keeps_labels_with_images(tiny_idx: Path, tmp_path: Path):

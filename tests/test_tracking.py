@@ -207,3 +207,13 @@ def test_resume_of_unknown_run_starts_a_new_one(client: MlflowClient) -> None:
         pass
     assert run.info.run_id != missing
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_run_works_without_signal_masks(client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Windows' signal module has no pthread_sigmask.
+    monkeypatch.delattr(signal, "pthread_sigmask")
+    before = signal.getsignal(signal.SIGTERM)
+    with tracked_run(experiment="exp", run_name="no-masks", tags={}, params={"a": 1}) as run:
+        mlflow.log_metric("loss", 0.5)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -186,6 +186,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     uri = args.model or default_model_uri()
     # The model's log-time artifacts download draws progress bars on stderr: noise in a CLI.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if files:
+        from cnnlab.serving import limit_threads  # torch: not for --help or usage errors
+
+        limit_threads()  # an entry point: this process is ours to tune
     model = load_model(uri) if files else None
     outcomes = list(errors)
     if args.json:

@@ -7,11 +7,12 @@ work, with a message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -37,7 +38,11 @@ class BaseParams(_Section):
 class DownloadParams(_Section):
     source: Literal["fashion_mnist", "url", "local"] = "fashion_mnist"
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
-    fashion_mnist_url: str = "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+    # Folder URLs tried in order; params.yaml may give one string.
+    fashion_mnist_url: Annotated[list[str], Field(min_length=1)] = [
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion",
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com",
+    ]
     url: str | None = None
     sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
     local_dir: str = "data/local"
@@ -46,6 +51,19 @@ class DownloadParams(_Section):
     max_members: Annotated[int, Field(ge=1)] = 500_000
     max_compression_ratio: Annotated[float, Field(ge=1.0)] = 200.0
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("fashion_mnist_url", mode="before")
+    @classmethod
+    def _one_url_is_a_list_of_one(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("fashion_mnist_url")
+    @classmethod
+    def _urls_are_http(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.match(r"https?://[^\s/]", url):
+                raise ValueError(f"{url!r} is not an http(s) URL; give the URL of a folder holding the four files")
+        return urls
 
     @model_validator(mode="after")
     def _url_needs_checksum(self) -> DownloadParams:

@@ -24,7 +24,7 @@ from cnnlab.hardware import Runtime, resolve_runtime
 from cnnlab.evaluation import (ENSEMBLE, VariantResult, best_by_validation, comparison_markdown, comparison_table,
                                ensemble_probabilities, mcnemar_markdown, mcnemar_pairs, mcnemar_table, score,
                                softmax)
-from cnnlab.io import atomic_write_text, staged_dir, write_json
+from cnnlab.files import atomic_write_text, staged_dir, write_json
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
 from cnnlab.progress import progress
 from cnnlab.report import plot_accuracy, plot_confusion, plot_misclassified

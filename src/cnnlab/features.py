@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.io import write_json
+from cnnlab.files import write_json
 from cnnlab.models.classifier import Classifier
 
 META = "meta.json"

@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # stages run headless
-import matplotlib.pyplot as plt  # noqa: E402
+# The object API, not pyplot: it needs no backend, so importing cnnlab never switches the
+# caller's (a notebook's inline backend, say), and figures are freed with their last reference.
+from matplotlib.figure import Figure
 
 
 def plot_history(history: Sequence[dict[str, float]], path: Path, *, title: str, best_epoch: int | None = None) -> None:
     """Loss and accuracy per epoch, train vs validation, the best epoch marked."""
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train", color="tab:blue")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation", color="tab:orange")
@@ -28,4 +28,3 @@ def plot_history(history: Sequence[dict[str, float]], path: Path, *, title: str,
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -6,12 +6,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # stages run headless
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+# The object API, not pyplot: it needs no backend, so importing cnnlab never switches the
+# caller's (a notebook's inline backend, say), and figures are freed with their last reference.
+from matplotlib.figure import Figure
 
 # No "Software"/date metadata: the same figure gives the same bytes on a re-run.
 _PNG_METADATA = {"Software": None}
@@ -20,7 +19,6 @@ _PNG_METADATA = {"Software": None}
 def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, metadata=_PNG_METADATA)
-    plt.close(fig)
 
 
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, *, title: str) -> None:
@@ -34,7 +32,8 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, *, ti
     share = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=np.float64), where=rows > 0)
     k = len(classes)
     side = max(4.0, 0.6 * k + 2.0)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    fig = Figure(figsize=(side + 1.0, side))
+    ax = fig.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
@@ -69,7 +68,8 @@ def plot_misclassified(
     n = len(images)
     cols = max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.4, 2.0 * rows + 0.6), squeeze=False)
+    fig = Figure(figsize=(1.9 * cols + 0.4, 2.0 * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, t, p, conf in zip(axes.flat, images, true_names, predicted_names, confidences):
@@ -105,7 +105,8 @@ def plot_accuracy(
     test = np.asarray(test_accuracy, dtype=np.float64)
     errors = np.vstack([test - np.asarray(ci_low), np.asarray(ci_high) - test])
     val = np.array([np.nan if v is None else v for v in val_accuracy], dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(names) + 2.0), 4.0))
+    fig = Figure(figsize=(max(5.0, 1.4 * len(names) + 2.0), 4.0))
+    ax = fig.subplots()
     ax.bar(x - width / 2, val, width, label="validation", color="tab:orange", alpha=0.8)
     ax.bar(x + width / 2, test, width, yerr=errors, capsize=4, label=f"test ({confidence * 100:g}% bootstrap CI)",
            color="tab:blue")

@@ -72,6 +72,10 @@ OUTPUT_SCHEMA = Schema(
 _REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "mlflow")
 # Models-from-code: MLflow copies this file into the model and runs it to build the pyfunc.
 _ENTRY_POINT = Path(__file__).with_name("pyfunc_model.py")
+# Set in the process that loads the model by MLflow's scoring server (`mlflow models serve`, and
+# the images of `mlflow models build-docker`): mlflow.pyfunc.scoring_server._SERVER_MODEL_PATH.
+# A private name, so tests/test_serving_pyfunc.py checks that MLflow still uses it.
+SCORING_SERVER_ENV = "__pyfunc_model_path__"
 # Base64 text as bytes (MIME line breaks allowed): see `_as_bytes`.
 _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\r\n]+")
 # No count of the other columns either: MLflow's schema check has dropped them by now.
@@ -115,7 +119,10 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        _limit_threads()
+        # Only in the scoring server, whose process is ours to tune; `mlflow.pyfunc.load_model`
+        # in someone's notebook or program must leave their torch settings alone.
+        if SCORING_SERVER_ENV in os.environ:
+            limit_threads()
         config = context.model_config or {}
         self._max_pixels = int(config.get("max_pixels", DEFAULT_MAX_PIXELS))
         self._max_side = config.get("max_side")  # None: models logged before it was recorded
@@ -274,9 +281,14 @@ def _b64decode(row: int, text: str | bytes) -> bytes:
         raise ServingError(reason, row=row) from None
 
 
-def _limit_threads() -> None:
-    # torch defaults to every core it sees, which in a container can exceed the CPU quota, and a
-    # server's workers would oversubscribe; a small CNN gains little beyond a few threads.
+def limit_threads() -> None:
+    """Cap torch's threads at min(4, usable cores) unless OMP_NUM_THREADS sets them.
+
+    Changes process-wide state, so only entry points call it: the scoring server's model load
+    and `python -m cnnlab predict`. torch defaults to every core it sees, which in a container
+    can exceed the CPU quota, and a server's workers would oversubscribe; a small CNN gains
+    little beyond a few threads.
+    """
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, min(4, cores or 1)))

@@ -195,8 +195,12 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 @contextmanager
 def _sigterm_held(enabled: bool) -> Iterator[None]:
-    """Defer SIGTERM for the block (signal masks only matter in the main thread)."""
-    if not enabled:
+    """Defer SIGTERM for the block (signal masks only matter in the main thread).
+
+    A no-op where Python has no signal masks (Windows): there another process's SIGTERM is
+    TerminateProcess, which no handler sees, so there is nothing to defer.
+    """
+    if not enabled or not hasattr(signal, "pthread_sigmask"):
         yield
         return
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

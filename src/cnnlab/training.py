@@ -16,8 +16,8 @@ from cnnlab.data.augment import build_policy
 from cnnlab.data.split import read_manifest
 from cnnlab.data.tensors import load_split, load_train, split_classes, split_mode
 from cnnlab.engine import FitResult, fit, load_checkpoint
+from cnnlab.files import write_csv, write_json
 from cnnlab.hardware import resolve_runtime
-from cnnlab.io import write_csv, write_json
 from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
 from cnnlab.models.zoo import init_weights
 from cnnlab.plots import plot_history

@@ -7,10 +7,11 @@ or the split changes.
 Output folder (``data/augmented``)::
 
     images/<class>/<name>-aug<k>.png    copy k of each training image
-    train.csv                           manifest: path, label, class, source (the original)
+    train.csv                           manifest: path, label, class, source (the original's path)
     policy.json                         the augment params that made them
 
-plus a preview grid (originals beside their copies) at a path of the caller's choosing.
+plus a preview grid (originals beside their copies) at a path of the caller's choosing. The
+manifest's paths are relative (``source`` to the split folder) and use '/' on every OS.
 """
 
 from __future__ import annotations
@@ -18,19 +19,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+# The object API, not pyplot: importing cnnlab must not switch the caller's matplotlib backend.
+from matplotlib.figure import Figure
+from PIL import Image
+from torchvision.transforms import v2
 
-matplotlib.use("Agg")  # stages run headless
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
-
-from cnnlab.config import AugmentParams  # noqa: E402
-from cnnlab.data.split import MANIFEST_FIELDS, read_manifest  # noqa: E402
-from cnnlab.io import staged_dir, write_csv, write_json  # noqa: E402
-from cnnlab.progress import progress  # noqa: E402
+from cnnlab.config import AugmentParams
+from cnnlab.data.split import MANIFEST_FIELDS, read_manifest
+from cnnlab.files import staged_dir, write_csv, write_json
+from cnnlab.progress import progress
 
 _AUTO = {
     "trivial_augment_wide": v2.TrivialAugmentWide,
@@ -99,7 +98,8 @@ def preview_picks(labels: Sequence[int], n: int, seed: int) -> set[int]:
 def save_preview(path: Path, rows: Sequence[tuple[str, torch.Tensor, list[torch.Tensor]]]) -> None:
     """A grid: one row per sampled image, its original first, then its copies."""
     n_cols = 1 + max(len(copies) for _, _, copies in rows)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.4 * n_cols, 1.5 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(1.4 * n_cols, 1.5 * len(rows)))
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, (cls, original, copies) in enumerate(rows):
         for c, ax in enumerate(axes[r]):
             if c > len(copies):
@@ -115,7 +115,6 @@ def save_preview(path: Path, rows: Sequence[tuple[str, torch.Tensor, list[torch.
         axes[0][c].set_title(f"copy {c}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_augment(
@@ -144,7 +143,7 @@ def run_augment(
                     rel = f"images/{row['class']}/{stem}-aug{k}.png"
                     to_image(tensor).save(tmp / rel, format="PNG", compress_level=3)
                     out_rows.append({"path": rel, "label": row["label"], "class": row["class"],
-                                     "source": str(Path(row["path"]).relative_to(split_dir))})
+                                     "source": Path(row["path"]).relative_to(split_dir).as_posix()})
                 if i in preview_idx:
                     preview.append((row["class"], original, augmented[:6]))
             write_csv(tmp / "train.csv", MANIFEST_FIELDS, out_rows)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cnnlab.data.archive import safe_extract
 from cnnlab.data.fetch import ChecksumError, DownloadError, download
-from cnnlab.data.idx import FASHION_MNIST_FILES, payload_md5
-from cnnlab.io import staged_dir, write_json
+from cnnlab.data.idx import FASHION_MNIST_FILES, IdxFormatError, payload_md5
+from cnnlab.files import staged_dir, write_json
 
 
 class SourceError(RuntimeError):
@@ -33,10 +34,45 @@ def _write_manifest(root: Path, info: dict[str, Any]) -> None:
     write_json(root / "source.json", info)
 
 
+def fashion_mnist_urls(mirrors: Sequence[str], name: str) -> list[str]:
+    """The URLs of file ``name`` under each mirror (a folder URL), in the order they are tried."""
+    return [f"{mirror.rstrip('/')}/{name}" for mirror in mirrors]
+
+
+def _first_intact(
+    urls: Sequence[str], target: Path, md5: str, *, max_bytes: int, timeout_s: float
+) -> tuple[str | None, list[str]]:
+    """Download ``target`` from the first URL whose file has payload MD5 ``md5``.
+
+    Returns that URL (None when every one failed) and why each URL before it failed. A mirror
+    that fails or serves another file (a proxy's error page, a tampered copy) is skipped, which
+    is what makes plain-HTTP mirrors acceptable: only the right bytes get through.
+    """
+    failures = []
+    for url in urls:
+        try:
+            download(url, target, sha256=None, max_bytes=max_bytes, timeout_s=timeout_s)
+            actual = payload_md5(target)
+        except DownloadError as exc:  # its message names the URL
+            failures.append(str(exc))
+            continue
+        except IdxFormatError as exc:
+            failures.append(f"{url}: not the expected gzip file ({exc})")
+            continue
+        if actual == md5:
+            return url, failures
+        failures.append(str(ChecksumError(url, md5, actual, algorithm="decompressed-payload md5")))
+    target.unlink(missing_ok=True)
+    return None, failures
+
+
 def fetch_fashion_mnist(
-    dest: Path, *, local_dir: Path, base_url: str, max_bytes: int, timeout_s: float
+    dest: Path, *, local_dir: Path, mirrors: Sequence[str], max_bytes: int, timeout_s: float
 ) -> dict[str, Any]:
-    """Copy (or, when ``local_dir`` lacks them, download) the four IDX files and verify them."""
+    """Copy the four IDX files from ``local_dir``, or download each missing one from the first
+    of ``mirrors`` (folder URLs) that serves it intact, and verify them."""
+    if not mirrors:
+        raise SourceError("download.fashion_mnist_url is empty; give at least one URL of a folder holding the files")
     with staged_dir(dest) as tmp:
         idx = tmp / "idx"
         idx.mkdir()
@@ -46,20 +82,21 @@ def fetch_fashion_mnist(
             if (local_dir / name).is_file():
                 shutil.copyfile(local_dir / name, target)
                 origins[name] = str(local_dir / name)
+                actual = payload_md5(target)
+                if actual != md5:
+                    raise ChecksumError(origins[name], md5, actual, algorithm="decompressed-payload md5")
             else:
-                url = f"{base_url.rstrip('/')}/{name}"
-                try:
-                    download(url, target, sha256=None, max_bytes=max_bytes, timeout_s=timeout_s)
-                except DownloadError as exc:
+                url, failures = _first_intact(fashion_mnist_urls(mirrors, name), target, md5,
+                                              max_bytes=max_bytes, timeout_s=timeout_s)
+                if url is None:
+                    tried = "\n".join(f"  - {f}" for f in failures)
                     raise SourceError(
-                        f"Fashion-MNIST file {name} is not in {local_dir} and downloading it failed: {exc}\n"
+                        f"Fashion-MNIST file {name} is not in {local_dir} and no URL of "
+                        f"download.fashion_mnist_url gave it:\n{tried}\n"
                         "Offline? Install Debian's package (`apt-get install dataset-fashion-mnist`, "
                         "or `make data-deps`) or set download.fashion_mnist_dir to a folder holding the files."
-                    ) from None
+                    )
                 origins[name] = url
-            actual = payload_md5(target)
-            if actual != md5:
-                raise ChecksumError(origins[name], md5, actual, algorithm="decompressed-payload md5")
         info = {"source": "fashion_mnist", "format": "idx", "payload_md5": dict(FASHION_MNIST_FILES),
                 "origins": origins}
         _write_manifest(tmp, info)

@@ -7,7 +7,9 @@ Output folder (``data/split``)::
     classes.json                        class names; a label is an index into this list
     quarantine.csv                      file, reason: every image that could not be used
 
-Later stages read only these normalized PNGs, so no untrusted file is decoded twice.
+Paths in the CSVs use '/' on every OS, so the outputs (and the keys later stages match on) are
+the same wherever the stage ran. Later stages read only these normalized PNGs, so no untrusted
+file is decoded twice.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from cnnlab.data.folders import scan_image_folder
 from cnnlab.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
 from cnnlab.data.images import IMAGE_EXTENSIONS, ImageDecodeError, convert_mode, downscale, load_image
 from cnnlab.data.sources import read_source_info
-from cnnlab.io import staged_dir, write_csv, write_json
+from cnnlab.files import staged_dir, write_csv, write_json
 from cnnlab.progress import progress
 
 SPLITS = ("train", "val", "test")
@@ -122,7 +124,7 @@ def _from_folder(raw_dir: Path, *, max_pixels: int) -> _Dataset:
     # process-global state that threads would race on.
     modes = [check(it.path) for it in progress(items, desc="verify images")]
     good = [(it, m) for it, m in zip(items, modes, strict=True) if not m.startswith("!")]
-    quarantine = [(str(it.path.relative_to(raw_dir)), m[1:])
+    quarantine = [(it.path.relative_to(raw_dir).as_posix(), m[1:])
                   for it, m in zip(items, modes, strict=True) if m.startswith("!")]
     index = {c: i for i, c in enumerate(classes)}
     paths = [it.path for it, _ in good]
@@ -132,7 +134,7 @@ def _from_folder(raw_dir: Path, *, max_pixels: int) -> _Dataset:
         official=[it.official_split for it, _ in good],
         # Two official splits may hold files of the same name, so the split goes into the name.
         names=[f"{it.official_split}-{it.stem}" if it.official_split else it.stem for it, _ in good],
-        sources=[str(p.relative_to(raw_dir)) for p in paths],
+        sources=[p.relative_to(raw_dir).as_posix() for p in paths],
         load=lambda i: load_image(paths[i], max_pixels=max_pixels),
         grey=all(m == "L" for _, m in good),
         quarantine=quarantine,

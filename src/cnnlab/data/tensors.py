@@ -70,12 +70,20 @@ def load_train(split_dir: Path, augmented_dir: Path | None, *, mode: Mode, size:
     """The split's training images, plus the augment stage's copies when ``augmented_dir`` is given."""
     originals = read_manifest(split_dir, "train")
     copies = read_manifest(augmented_dir, "train") if augmented_dir else []
-    index = {str(Path(r["path"]).relative_to(split_dir)): i for i, r in enumerate(originals)}
+    # POSIX form, as the augment stage writes `source`, so the keys match on every OS.
+    index = {Path(r["path"]).relative_to(split_dir).as_posix(): i for i, r in enumerate(originals)}
     per_image: list[list[int]] = [[i] for i in range(len(originals))]
     for j, row in enumerate(copies):
         try:
             per_image[index[row["source"]]].append(len(originals) + j)
         except KeyError:
+            if "\\" in row["source"]:
+                # Refused, not normalized: on Linux and macOS a backslash may be part of a file name.
+                raise ValueError(
+                    f"{augmented_dir}/train.csv row {j + 2}: source {row['source']!r} has backslashes, as an "
+                    "older cnnlab wrote on Windows; sources are paths with '/', so re-run the augment stage "
+                    "(`dvc repro augment`)"
+                ) from None
             raise ValueError(
                 f"{augmented_dir}/train.csv row {j + 2} refers to {row['source']!r}, which is not in "
                 f"{split_dir}/train.csv: the augment stage is out of date, run `dvc repro`"

@@ -91,7 +91,7 @@ def save_classifier(model: Classifier, spec: ModelSpec, folder: Path) -> None:
         os.replace(tmp, folder / "weights.pt")
     finally:
         Path(tmp).unlink(missing_ok=True)
-    from cnnlab.io import atomic_write_text
+    from cnnlab.files import atomic_write_text
 
     atomic_write_text(folder / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
 

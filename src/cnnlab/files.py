@@ -42,7 +42,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it owner-only (0600)
+        mode = 0o666 & ~_umask()  # mkstemp makes it owner-only (0600)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
+        else:  # Windows before Python 3.13; chmod there only sets the read-only flag, by path
+            os.chmod(tmp, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)

@@ -1,0 +1,32 @@
+"""Crash-safe writes (cnnlab.files) on real files, including where the OS lacks os.fchmod."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from cnnlab.files import atomic_write_text
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("has_fchmod", [True, False], ids=["posix", "no-fchmod"])
+def test_atomic_write_replaces_the_file_with_the_usual_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, has_fchmod: bool
+) -> None:
+    if not has_fchmod:  # Windows before Python 3.13
+        monkeypatch.delattr(os, "fchmod")
+    path = tmp_path / "out" / "metrics.json"
+    atomic_write_text(path, "old\n")
+    atomic_write_text(path, "new ✓\n")
+    assert path.read_text(encoding="utf-8") == "new ✓\n"
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temp file left behind
+    # Not mkstemp's owner-only 0600: other users and tools read stage outputs.
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
