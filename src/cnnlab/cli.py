@@ -4,6 +4,9 @@
 no server, the same model `mlflow models serve` would load. Exit status: 0 when every file was
 classified, 1 when any file failed (each gets its own error line; the rest are still
 classified), 2 for a usage problem or a model that cannot be loaded.
+
+``doctor [--params PATH] [--json]`` says what this machine is and what each stage resolves to on
+it (`cnnlab.doctor`); exit status 1 when something the default run needs is missing.
 """
 
 from __future__ import annotations
@@ -70,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print one JSON object per file (JSON Lines)")
     predict.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="images per predict call")
     predict.set_defaults(run=_run_predict)
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this machine and what each stage will run on",
+        description="Versions, devices, each stage's resolved device and precision, the MLflow store, "
+        "the default data and the offline weights.",
+        epilog="Exit status: 0 the default run can go (warnings allowed), 1 a problem (each is listed "
+        "with what to do).",
+    )
+    doctor.add_argument("--params", type=Path, default=PARAMS_FILE, metavar="PATH",
+                        help="params file to resolve (default: ./params.yaml)")
+    doctor.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+    doctor.set_defaults(run=_run_doctor)
     return parser
 
 
@@ -205,6 +220,12 @@ def _run_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"{failed} of {len(outcomes)} path(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from cnnlab.doctor import run  # torch and MLflow: not for --help
+
+    return run(args.params, as_json=args.json)
 
 
 def format_table(outcomes: Sequence[Outcome], top_k: int = TOP_K) -> str:
