@@ -86,13 +86,27 @@ def test_scratch_uses_originals_only_and_on_the_fly_uses_the_policy(store: str, 
         assert mlflow.MlflowClient().get_run(r["run_id"]).info.status == "FINISHED"
 
 
-def test_a_failing_run_is_marked_failed(store: str, data_dirs, tmp_path: Path):
+def test_a_failing_run_is_marked_failed(store: str, data_dirs, tmp_path: Path, monkeypatch):
     split, aug = data_dirs
-    broken = TINY.model_copy(update={"precision": "fp16", "device": "cpu"})  # fails inside the run
-    with pytest.raises(ValueError, match="fp16"):
-        _train(split, aug, tmp_path / "x", cfg=broken)
+
+    def fit(*args, **kwargs):  # a failure inside the run, e.g. out of memory in an epoch
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("cnnlab.training.fit", fit)
+    with pytest.raises(RuntimeError, match="boom"):
+        _train(split, aug, tmp_path / "x")
     runs = mlflow.search_runs(experiment_names=["test"])
     assert list(runs["status"]) == ["FAILED"]
+
+
+def test_a_precision_the_device_cannot_run_is_refused_before_any_run(store: str, data_dirs, tmp_path: Path):
+    split, aug = data_dirs
+    broken = TINY.model_copy(update={"precision": "fp16", "device": "cpu"})
+    with pytest.raises(ValueError, match="fp16' needs CUDA"):
+        _train(split, aug, tmp_path / "x", cfg=broken)
+    client = mlflow.MlflowClient(store)
+    experiment = client.get_experiment_by_name("test")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
 
 
 def test_stale_augment_output_is_a_clear_error(store: str, data_dirs, tmp_path: Path):

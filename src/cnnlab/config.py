@@ -197,7 +197,7 @@ class FeatureExtractParams(_Section):
     backbone: Annotated[str, Field(min_length=1)] = "efficientnet_lite0"
     weights: str | None = "default"
     image_size: Annotated[int, Field(ge=16, le=1024)] = 128
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     precision: PrecisionName = "auto"
     channels_last: bool = True
     device: DeviceName = "auto"
@@ -214,12 +214,12 @@ class FeatureExtractParams(_Section):
 
 class FineTuneParams(_LoopParams):
     train_data: Literal["data/split", "data/augmented"] = "data/split"
-    unfreeze_blocks: Annotated[int, Field(ge=1, le=100)] = 11
+    unfreeze_blocks: Annotated[int, Field(ge=1, le=100)] = 7
     block_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
     unfreeze_every: Annotated[int, Field(ge=0)] = 0
     train_bn: bool = False
     cache_frozen: bool = True
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 6
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.0003
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = 5
@@ -236,7 +236,7 @@ class FineTuneParams(_LoopParams):
 class EvaluateParams(_Section):
     variants: Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]], Field(min_length=1)] = [
         "scratch", "regularized", "feature_extract", "fine_tune"]
-    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 256
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     bootstrap_samples: Annotated[int, Field(ge=100, le=1_000_000)] = 2000
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
     ensemble: bool = True
