@@ -214,7 +214,7 @@ class FeatureExtractParams(_Section):
 
 class FineTuneParams(_LoopParams):
     train_data: Literal["data/split", "data/augmented"] = "data/split"
-    unfreeze_blocks: Annotated[int, Field(ge=1, le=100)] = 7
+    unfreeze_blocks: Annotated[int, Field(ge=1, le=100)] = 6
     block_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
     unfreeze_every: Annotated[int, Field(ge=0)] = 0
     train_bn: bool = False

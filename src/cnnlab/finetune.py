@@ -90,7 +90,7 @@ class _Stop(Exception):
 
 @torch.inference_mode()
 def prefix_outputs(clf: Classifier, last_frozen: str, images: torch.Tensor, *, rt: Runtime,
-                   batch_size: int = 128) -> torch.Tensor:
+                   batch_size: int = 32) -> torch.Tensor:
     """What the frozen prefix (normalization through ``last_frozen``) makes of each uint8 image,
     in eval mode: computed once, instead of once per epoch. The rest of the net is never run."""
     def stop(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

@@ -12,7 +12,6 @@ import mlflow
 import torch
 
 from cnnlab.config import AugmentParams, TrainParams
-from cnnlab.data.augment import build_policy
 from cnnlab.data.split import read_manifest
 from cnnlab.data.tensors import load_split, load_train, split_classes, split_mode
 from cnnlab.engine import FitResult, fit, load_checkpoint
@@ -66,6 +65,8 @@ def train_variant(
     val = load_split(split_dir, "val", mode=mode, size=cfg.image_size)
     augment = None
     if on_the_fly and augmented_dir is not None:
+        from cnnlab.data.augment import build_policy  # torchvision's transforms: ~2 s to import
+
         policy = AugmentParams(**json.loads((augmented_dir / "policy.json").read_text()))
         augment = build_policy(policy)
     mean, std = channel_stats(train.images[train.versions[:, 0]])
