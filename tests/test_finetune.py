@@ -151,7 +151,7 @@ def test_cached_frozen_blocks_train_the_same_model_as_running_them(split_dir: Pa
     assert (hist[0]["train_loss"] - hist[1]["train_loss"]).abs().max() < 1e-3
 
 
-def test_frozen_blocks_with_dropout_are_not_cached(start: Path):
+def test_frozen_blocks_with_dropout_or_too_big_for_memory_are_not_cached(start: Path):
     from cnnlab.finetune import prefix_cacheable
     from cnnlab.hardware import resolve_runtime
 
@@ -159,5 +159,6 @@ def test_frozen_blocks_with_dropout_are_not_cached(start: Path):
     rt = resolve_runtime(device="cpu", precision="fp32")
     sample = torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8)
     assert prefix_cacheable(clf, ["conv_stem", "bn1"], sample, rt=rt) is None
+    assert "GiB of memory" in prefix_cacheable(clf, ["conv_stem", "bn1"], sample, rt=rt, images=10**7)
     clf.net.features.bn1.add_module("drop", torch.nn.Dropout(0.1))  # a random op in a frozen block
     assert "dropout" in prefix_cacheable(clf, ["conv_stem", "bn1"], sample, rt=rt)

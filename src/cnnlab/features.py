@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnlab.data.fetch import file_digest
 from cnnlab.files import write_json
 from cnnlab.models.classifier import Classifier
 
@@ -47,14 +48,6 @@ def trunk_digest(clf: Classifier, *, arch: str, mode: str, image_size: int) -> s
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureCache:

@@ -142,12 +142,21 @@ def swap_prefix(clf: Classifier, frozen: list[str]) -> Iterator[None]:
             features.set_submodule(name, module)
 
 
-def prefix_cacheable(clf: Classifier, frozen: list[str], sample: torch.Tensor, *, rt: Runtime) -> str | None:
+# Cached prefix outputs live in memory; past this the frozen blocks run every epoch instead.
+MAX_PREFIX_CACHE_BYTES = 4 << 30
+
+
+def prefix_cacheable(clf: Classifier, frozen: list[str], sample: torch.Tensor, *, rt: Runtime,
+                     images: int = 0) -> str | None:
     """Why the frozen prefix cannot be cached (None when it can): its output must not depend on
-    train/eval mode (no dropout), and running the net from it must give the whole net's logits."""
+    train/eval mode (no dropout), running the net from it must give the whole net's logits, and
+    the outputs for ``images`` images must fit in `MAX_PREFIX_CACHE_BYTES`."""
     if not frozen:
         return "no block is frozen"
     cached = prefix_outputs(clf, frozen[-1], sample, rt=rt)
+    size = images * cached[0].numel() * cached.element_size()
+    if size > MAX_PREFIX_CACHE_BYTES:
+        return f"their outputs for {images:,} images would take {size / 2**30:.1f} GiB of memory"
     features = clf.net.features
     trained_mode = [m for name in frozen for m in features.get_submodule(name).modules()
                     if isinstance(m, (nn.Dropout, nn.Dropout2d)) or type(m).__name__ == "DropPath"]
@@ -182,7 +191,8 @@ def fine_tune(
     train = load_train(split_dir, augmented_dir, mode=spec.mode, size=spec.image_size)
     val = load_split(split_dir, "val", mode=spec.mode, size=spec.image_size)
 
-    why_not = prefix_cacheable(clf, frozen, val.images[:8], rt=rt) if ft.cache_frozen else "cache_frozen is off"
+    why_not = (prefix_cacheable(clf, frozen, val.images[:8], rt=rt, images=len(train) + len(val))
+               if ft.cache_frozen else "cache_frozen is off")
     if why_not is None:
         print(f"fine_tune: {', '.join(frozen)} stay frozen all run; their output is computed once per image",
               file=sys.stderr)

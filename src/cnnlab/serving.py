@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -221,6 +222,17 @@ def log_classifier(
     "Input:", and a JSON object without exactly one of those input keys gets a paragraph about
     MLflow 2.0's protocol change.
     """
+    # MLflow imports the model's code to check the input example, from the folder it uploads:
+    # with bytecode caching on (Python's default) a __pycache__ would ship inside the model.
+    dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        return _log_model(name, model_dir, example_images, registered_model_name, max_pixels, max_side)
+    finally:
+        sys.dont_write_bytecode = dont_write
+
+
+def _log_model(name: str, model_dir: Path, example_images: Sequence[bytes], registered_model_name: str | None,
+               max_pixels: int, max_side: int | None) -> ModelInfo:
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(_ENTRY_POINT),
