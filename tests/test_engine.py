@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -73,19 +74,82 @@ def test_same_seed_same_history_other_seed_differs():
     assert strip(runs[0]) != strip(runs[2])
 
 
-def test_early_stopping_restores_the_best_weights():
+def _rotated_val_labels(val: TensorSet, rotated):
+    """A ``before_epoch`` hook: in the epochs where ``rotated(epoch)``, validation labels are
+    rotated (c -> c + 1), so a net learning the true labels scores badly on them."""
+    true = val.labels.clone()
+
+    def hook(epoch: int, _model) -> None:
+        val.labels.copy_((true + 1) % 3 if rotated(epoch) else true)
+
+    return hook, true
+
+
+def _fit_recording_weights(m, train, val, cfg, **kw):
+    """fit, plus a copy of the weights as they were at the end of every epoch."""
+    states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_epoch(row):  # runs after the epoch's validation, before any restore
+        states[int(row["epoch"])] = copy.deepcopy(m.state_dict())
+
+    return fit(m, train, val, cfg, seed=0, on_epoch=on_epoch, **kw), states
+
+
+def _best_epoch(history) -> int:
+    """1-based epoch of the first best row: higher val accuracy, then lower val loss, wins."""
+    return 1 + max(range(len(history)), key=lambda i: (history[i]["val_accuracy"], -history[i]["val_loss"]))
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+K = 5  # validation can improve up to this epoch only
+
+
+def _bad_at_2_and_after_k(epoch: int) -> bool:
+    """Epoch 2 is a setback (so the counter of bad epochs must restart when epoch 3 improves) and
+    nothing after K can improve on epochs <= K."""
+    return epoch == 2 or epoch > K
+
+
+def test_early_stopping_ends_patience_epochs_after_the_best_and_restores_it():
     train, val = data()
+    hook, true = _rotated_val_labels(val, _bad_at_2_and_after_k)
     m = model()
-    # A learning rate this high wrecks the net after a good start, so later epochs are worse.
-    cfg = TrainParams(**{**FAST, "epochs": 30, "lr": 0.05, "optimizer": "sgd", "scheduler": "none",
-                         "early_stopping_patience": 3})
-    result = fit(m, train, val, cfg, seed=0)
-    assert result.stopped_early or len(result.history) == 30
-    best_row = max(result.history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
-    assert result.best_epoch == best_row["epoch"]
-    if result.stopped_early:
-        assert len(result.history) == result.best_epoch + 3
-    assert evaluate(m, val, batch_size=64, device=torch.device("cpu"))["accuracy"] == result.best_val_accuracy
+    patience = 3
+    cfg = TrainParams(**{**FAST, "epochs": 30, "lr": 0.01, "early_stopping_patience": patience, "device": "cpu"})
+    result, states = _fit_recording_weights(m, train, val, cfg, before_epoch=hook)
+    h = result.history
+    best = _best_epoch(h)
+    # the construction worked: a setback at epoch 2, the best after it but by epoch K, nothing after
+    # K comes close
+    assert h[1]["val_accuracy"] < h[0]["val_accuracy"] and 2 < best <= K, h
+    assert all(r["val_accuracy"] < h[best - 1]["val_accuracy"] for r in h[K:]), h
+    assert result.best_epoch == best
+    assert result.stopped_early is True
+    assert len(h) == best + patience  # epochs best+1 .. best+patience did not improve, then it stopped
+    assert [r["epoch"] for r in h] == list(range(1, best + patience + 1))
+    # the model holds the best epoch's weights, not the last epoch's (which differ: training went on)
+    assert not _same_weights(states[best], states[len(h)])
+    assert _same_weights(m.state_dict(), states[best])
+    again = evaluate(m, TensorSet(val.images, true), batch_size=64, device=torch.device("cpu"))
+    assert again["accuracy"] == result.best_val_accuracy == h[best - 1]["val_accuracy"]
+
+
+def test_without_patience_every_epoch_runs_and_the_best_is_still_restored():
+    train, val = data()
+    hook, _ = _rotated_val_labels(val, _bad_at_2_and_after_k)
+    m = model()
+    epochs = K + 4
+    cfg = TrainParams(**{**FAST, "epochs": epochs, "lr": 0.01, "early_stopping_patience": None, "device": "cpu"})
+    result, states = _fit_recording_weights(m, train, val, cfg, before_epoch=hook)
+    best = _best_epoch(result.history)
+    assert best <= K
+    assert len(result.history) == epochs and result.stopped_early is False
+    assert result.best_epoch == best
+    assert not _same_weights(states[best], states[epochs])
+    assert _same_weights(m.state_dict(), states[best])
 
 
 @pytest.mark.parametrize("scheduler", ["none", "step", "cosine", "plateau", "onecycle"])
