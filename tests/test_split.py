@@ -10,6 +10,7 @@ from PIL import Image
 
 import cnnlab.data.split
 from cnnlab.data.folders import LayoutError, scan_image_folder
+from cnnlab.data.idx import IdxFormatError
 from cnnlab.data.images import IMAGE_EXTENSIONS
 from cnnlab.data.split import SplitError, read_manifest, run_split, stratified_split
 from conftest import make_image_folder
@@ -171,7 +172,7 @@ def test_run_split_is_deterministic_and_a_failure_keeps_the_old_output(tiny_idx:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     before = (tmp_path / "a" / "train.csv").read_bytes()
     (tiny_idx / "idx" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"broken")
-    with pytest.raises(Exception):
+    with pytest.raises(IdxFormatError, match=r"/idx/t10k-labels-idx1-ubyte\.gz: cannot read \(Not a gzipped file"):
         run_split(tiny_idx, tmp_path / "a", **kw)
     assert (tmp_path / "a" / "train.csv").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -187,3 +188,4 @@ def test_max_side_downscales_big_images(tmp_path: Path):
               color_mode="auto")
     with Image.open(read_manifest(out, "train")[0]["path"]) as im:
         assert im.size == (50, 25) and im.mode == "RGB"
+
