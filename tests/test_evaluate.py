@@ -262,6 +262,42 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
     assert {p: (ws / p).read_bytes() for p in before} == before
 
 
+def test_ensemble_false_leaves_the_ensemble_out_everywhere(workspace: Path, monkeypatch):
+    """evaluate.ensemble: false. No ensemble row, metrics, plots or McNemar pair; the variants'
+    own results are those of a run with the ensemble."""
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["evaluate"]["ensemble"] = False
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    _run_stage(workspace, monkeypatch)
+
+    comparison = pd.read_csv(workspace / "evaluation" / "comparison.csv")
+    assert list(comparison["variant"]) == list(VARIANTS)
+    assert set(pd.read_csv(workspace / "evaluation" / "per_class.csv")["variant"]) == set(VARIANTS)
+    mc = pd.read_csv(workspace / "evaluation" / "mcnemar.csv")
+    assert list(zip(mc["variant_a"], mc["variant_b"])) == [("scratch", "wide"), ("scratch", "big"), ("wide", "big")]
+    metrics = json.loads((workspace / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == {*VARIANTS, "mcnemar"}
+    assert set(metrics["mcnemar"]) == {"scratch_vs_wide", "scratch_vs_big", "wide_vs_big"}
+    assert "| ensemble" not in (workspace / "evaluation" / "comparison.md").read_text()
+    plots = workspace / "plots"
+    assert not (plots / "confusion_ensemble.png").exists() and not (plots / "confusion" / "ensemble.csv").exists()
+    assert (plots / "confusion_scratch.png").exists()
+    client = mlflow.MlflowClient()
+    summary = client.search_runs([client.get_experiment_by_name("evaltest").experiment_id],
+                                 "tags.stage = 'evaluate'")
+    assert len(summary) == 1 and summary[0].info.status == "FINISHED"
+    assert "test_accuracy" not in summary[0].data.metrics  # that is the ensemble's, when there is one
+    assert set(summary[0].data.metrics) == {f"mcnemar_p.{pair}" for pair in metrics["mcnemar"]}
+
+    # the variants' rows are unchanged by leaving the ensemble out
+    params["evaluate"]["ensemble"] = True
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    _run_stage(workspace, monkeypatch)
+    with_ensemble = json.loads((workspace / "metrics" / "evaluate.json").read_text())
+    assert "ensemble" in with_ensemble
+    assert {v: with_ensemble[v] for v in VARIANTS} == {v: metrics[v] for v in VARIANTS}
+
+
 def test_a_missing_model_names_the_folder_and_the_stage_to_run(workspace: Path, monkeypatch):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["evaluate"]["variants"] = ["scratch", "fine_tune"]

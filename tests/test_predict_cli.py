@@ -119,6 +119,44 @@ def test_no_store_here_is_a_clear_error_and_creates_nothing(store: Store, tmp_pa
     assert list(tmp_path.iterdir()) == []  # MLflow left to itself would create an empty mlflow.db
 
 
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = {"dark": 30, "mid": 128, "bright": 225}  # what tiny_model learned to tell apart
+
+
+@pytest.mark.slow  # `mlflow run` starts a CLI process (~15 s)
+def test_mlproject_predict_entry_point(store: Store, tmp_path: Path) -> None:
+    """`mlflow run . -e predict -P path=... -P model=...` runs `python -m cnnlab predict` with
+    those parameters: each image gets the class it was made as, and MLflow records the run."""
+    folder = tmp_path / "known"
+    folder.mkdir()
+    want = {}
+    for i, (label, level) in enumerate(sorted(LEVELS.items()) * 2):
+        path = folder / f"{label}_{i}.png"
+        path.write_bytes(encode("RGB" if i % 2 else "L", (24, 18), "PNG", 500 + i, level=level))
+        want[str(path)] = label
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [str(bin_dir / "mlflow"), "run", str(REPO), "-e", "predict", "--env-manager", "local",
+         "-P", f"path={folder}", "-P", "model=models:/cli-tiny@best"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = [line.split() for line in done.stdout.splitlines()]
+    rows = {cells[0]: cells for cells in table if cells and cells[0] in want}
+    assert {p: r[1] for p, r in rows.items()} == want, done.stdout
+    expected = in_process(store, [Path(p) for p in want])
+    assert [float(rows[p][2]) for p in want] == pytest.approx(expected["confidence"].tolist(), abs=1e-4)
+
+    client = mlflow.MlflowClient(store.uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`mlflow.project.entryPoint` = 'predict'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params == {"path": str(folder), "model": "models:/cli-tiny@best"}
+
+
 def test_find_images_reports_missing_paths_and_empty_folders(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "x.bin").write_bytes(b"named explicitly, so kept whatever the extension")

@@ -184,6 +184,34 @@ def test_single_image_and_line_wrapped_base64(server: Server, expected: pd.DataF
     assert_matches(server, status, text, expected.iloc[[1]])
 
 
+# Known answers, independent of the model: tiny_model trained on noise around these grey levels
+# (20x20 RGB PNGs, seeds 0-59); these are new draws, in the sizes, modes and formats clients send.
+LEVELS = {"dark": 40, "mid": 128, "bright": 215}
+SHAPES = [("RGB", (20, 20), "PNG"), ("L", (33, 21), "JPEG"), ("RGB", (64, 48), "JPEG"), ("L", (16, 16), "PNG")]
+
+
+def labelled_images() -> tuple[list[bytes], list[str]]:
+    images, labels = [], []
+    for i in range(36):
+        label = CLASSES[i % 3]
+        mode, size, fmt = SHAPES[(i // 3) % len(SHAPES)]
+        images.append(encode(mode, size, fmt, 1000 + i, level=LEVELS[label]))
+        labels.append(label)
+    return images, labels
+
+
+def test_the_served_champion_classifies_images_of_known_class(server: Server) -> None:
+    """Against labels the model never chose: the answers above only match an in-process copy
+    built from the same code, which a shared preprocessing bug would pass. Chance is 1/3."""
+    images, labels = labelled_images()
+    status, text = server.post(split_body([b64(b) for b in images]))
+    assert status == 200, server.explain(f"HTTP {status}: {text[:500]}")
+    got = [p["label"] for p in json.loads(text)["predictions"]]
+    assert len(got) == len(labels)
+    accuracy = sum(g == w for g, w in zip(got, labels)) / len(labels)
+    assert accuracy >= 0.9, list(zip(labels, got))
+
+
 # name -> (body, or a function making it; the start of our message, None for MLflow's own)
 BAD_REQUESTS: dict[str, tuple[str | Callable[[], str], str | None]] = {
     "invalid-base64": (split_body([b64(IMAGES["grey-png"]), MARKER + "!!*"]), None),

@@ -10,6 +10,7 @@ from PIL import Image
 
 import cnnlab.data.split
 from cnnlab.data.folders import LayoutError, scan_image_folder
+from cnnlab.data.idx import IdxFormatError
 from cnnlab.data.images import IMAGE_EXTENSIONS
 from cnnlab.data.split import SplitError, read_manifest, run_split, stratified_split
 from conftest import make_image_folder
@@ -171,7 +172,7 @@ def test_run_split_is_deterministic_and_a_failure_keeps_the_old_output(tiny_idx:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     before = (tmp_path / "a" / "train.csv").read_bytes()
     (tiny_idx / "idx" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"broken")
-    with pytest.raises(Exception):
+    with pytest.raises(IdxFormatError, match=r"/idx/t10k-labels-idx1-ubyte\.gz: cannot read \(Not a gzipped file"):
         run_split(tiny_idx, tmp_path / "a", **kw)
     assert (tmp_path / "a" / "train.csv").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -187,3 +188,26 @@ def test_max_side_downscales_big_images(tmp_path: Path):
               color_mode="auto")
     with Image.open(read_manifest(out, "train")[0]["path"]) as im:
         assert im.size == (50, 25) and im.mode == "RGB"
+
+
+def test_color_mode_grey_turns_rgb_sources_into_one_channel_luma(tmp_path: Path):
+    """split.color_mode: grey. make_image_folder paints class c's image i in (v, 255 - v, 100) with
+    v = 40c + i; grey must give one L channel holding ITU-R 601 luma, 0.299 R + 0.587 G + 0.114 B."""
+    raw = tmp_path / "raw"
+    make_image_folder(raw / "images", {"x": 6, "y": 6}, size=(10, 8))
+    (raw / "source.json").write_text(json.dumps({"source": "local", "format": "image_folder"}))
+    out = tmp_path / "split"
+    summary = run_split(raw, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=None,
+                        max_val_per_class=None, max_test_per_class=None, max_image_pixels=10**6, max_side=None,
+                        color_mode="grey")
+    assert summary["color_mode"] == "L"
+    assert json.loads((out / "preprocess.json").read_text())["color_mode"] == "L"
+    rows = [r for s in ("train", "val", "test") for r in read_manifest(out, s)]
+    assert len(rows) == 12
+    for r in rows:
+        v = 40 * r["label"] + int(Path(r["source"]).stem)
+        luma = 0.299 * v + 0.587 * (255 - v) + 0.114 * 100
+        with Image.open(r["path"]) as im:
+            assert im.mode == "L" and im.size == (10, 8)
+            pixels = np.asarray(im)
+        assert np.abs(pixels.astype(float) - luma).max() <= 1.0, (r["path"], luma, np.unique(pixels))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -107,17 +108,32 @@ def test_git_commit_tag_absent_outside_a_checkout(
     assert "git_commit" not in client.get_run(run.info.run_id).data.tags
 
 
-def test_many_and_long_params_fit_mlflow_limits(client: MlflowClient) -> None:
+def test_many_and_long_params_fit_mlflow_limits(
+    client: MlflowClient, caplog: pytest.LogCaptureFixture
+) -> None:
     params = {"grid": {f"p{i:03d}": i for i in range(250)}, "long": "x" * 10_000}
     with tracked_run(experiment="exp", run_name="big", tags={}, params=params) as run:
-        pass
-    logged = client.get_run(run.info.run_id).data.params
+        mlflow.log_metric("loss", 1.0, step=0)
+    run_id = run.info.run_id
+    logged = client.get_run(run_id).data.params
     assert len(logged) == 251 and logged["grid.p249"] == "249"
     assert len(logged["long"]) <= 6000
     assert logged["long"].startswith("xxx") and "truncated" in logged["long"]
-    # Resuming with the same long value must not count as a changed param.
-    with tracked_run(experiment="exp", run_name="big", tags={}, params=params, run_id=run.info.run_id):
-        pass
+
+    # Resuming with the same long value must not count as a changed param (the comparison is
+    # against the truncated value MLflow holds); new params are added, the old ones kept.
+    more = {**params, "resumed_from": "ckpt-1"}
+    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking"):
+        with tracked_run(experiment="exp", run_name="big", tags={}, params=more, run_id=run_id) as again:
+            mlflow.log_metric("loss", 0.5, step=1)
+    assert again.info.run_id == run_id
+    assert not [r for r in caplog.records if r.name == "cnnlab.tracking"], caplog.text
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.params == {**logged, "resumed_from": "ckpt-1"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(0, 1.0), (1, 0.5)]
+    experiment_id = client.get_experiment_by_name("exp").experiment_id
+    assert len(client.search_runs([experiment_id], "attributes.run_name = 'big'")) == 1  # no second run
 
 
 def test_exception_marks_failed_and_propagates(client: MlflowClient) -> None:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+from PIL import Image
 
+from cnnlab import engine
 from cnnlab.config import AugmentParams, TrainParams
 from cnnlab.data.augment import run_augment
 from cnnlab.data.split import read_manifest, run_split
+from cnnlab.data.tensors import TrainSet
 from cnnlab.training import TrainOutputs, train_variant
 
 TINY = TrainParams(epochs=2, batch_size=16, early_stopping_patience=None, arch="tinyvgg",
@@ -78,12 +84,104 @@ def test_same_params_same_metrics_file(store: str, data_dirs, tmp_path: Path):
     assert json.loads(a.metrics.read_text()) != json.loads(c.metrics.read_text())
 
 
-def test_scratch_uses_originals_only_and_on_the_fly_uses_the_policy(store: str, data_dirs, tmp_path: Path):
+def _decoded(paths: list[str]) -> torch.Tensor:
+    """PNG files as (N, 1, 28, 28) uint8, decoded here with PIL (the tiny split is grey, 28 px)."""
+    out = []
+    for path in paths:
+        with Image.open(path) as im:
+            out.append(torch.from_numpy(np.array(im))[None])
+    return torch.stack(out)
+
+
+@dataclass
+class FitCall:
+    train: TrainSet
+    augment: object
+    batches: list[torch.Tensor] = field(default_factory=list)  # what the model got while training
+    augmented: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # augment's (in, out)
+
+
+@pytest.fixture
+def fit_spy(monkeypatch: pytest.MonkeyPatch) -> list[FitCall]:
+    """Wraps the real `fit`: records the training set and augment callable it gets, the inputs and
+    outputs of that callable, and every batch the model is fed in training mode."""
+    calls: list[FitCall] = []
+
+    def spy(model, train, val, cfg, **kw):
+        call = FitCall(train=train, augment=kw.get("augment"))
+        calls.append(call)
+        if call.augment is not None:
+            real_augment = call.augment
+
+            def recording(img):
+                out = real_augment(img)
+                call.augmented.append((img.clone(), out.clone()))
+                return out
+
+            kw["augment"] = recording
+        model.register_forward_pre_hook(
+            lambda mod, args: call.batches.append(args[0].clone()) if mod.training else None)
+        return engine.fit(model, train, val, cfg, **kw)
+
+    monkeypatch.setattr("cnnlab.training.fit", spy)
+    return calls
+
+
+def _rows(t: torch.Tensor) -> list[bytes]:
+    return sorted(bytes(x.contiguous().numpy()) for x in t)
+
+
+def test_each_variant_trains_on_the_data_it_names(store: str, data_dirs, tmp_path: Path, fit_spy):
+    """scratch: the split's originals only; regularized: originals and the augment stage's copies;
+    on the fly: the originals, augmented afresh by the stored policy for every batch."""
     split, aug = data_dirs
-    r1, _ = _train(split, None, tmp_path / "s", variant="scratch", dropout=0.0)
-    r2, _ = _train(split, aug, tmp_path / "f", variant="fly", on_the_fly=True)
-    for r in (r1, r2):
-        assert mlflow.MlflowClient().get_run(r["run_id"]).info.status == "FINISHED"
+    rows = read_manifest(split, "train")
+    originals = _decoded([r["path"] for r in rows])
+    labels = torch.tensor([r["label"] for r in rows])
+    copies = {r["source"]: r for r in read_manifest(aug, "train")}
+    n = len(rows)
+    assert n == 60  # 6 per class
+
+    _train(split, None, tmp_path / "s", variant="scratch", dropout=0.0)
+    _train(split, aug, tmp_path / "r")
+    _train(split, aug, tmp_path / "f", variant="fly", on_the_fly=True)
+    scratch, regularized, fly = fit_spy
+
+    # scratch: one version per image, the stored originals, no augmentation
+    assert scratch.augment is None
+    assert torch.equal(scratch.train.versions, torch.arange(n)[:, None])
+    assert torch.equal(scratch.train.images, originals) and torch.equal(scratch.train.labels, labels)
+    fed = torch.cat(scratch.batches)
+    assert len(fed) == TINY.epochs * n
+    for epoch in range(TINY.epochs):  # each epoch shows every original once, unchanged
+        assert _rows(fed[epoch * n:(epoch + 1) * n]) == _rows(originals)
+
+    # regularized: versions [original, its copy]; the copy is the augment stage's file for it
+    assert regularized.augment is None
+    versions = regularized.train.versions
+    assert versions.shape == (n, 2) and torch.equal(versions[:, 0], torch.arange(n))
+    assert torch.equal(regularized.train.images[versions[:, 0]], originals)
+    sources = [Path(r["path"]).relative_to(split).as_posix() for r in rows]
+    stored = _decoded([copies[s]["path"] for s in sources])
+    assert torch.equal(regularized.train.images[versions[:, 1]], stored)
+    assert torch.equal(regularized.train.labels[versions[:, 1]], labels)
+    assert not torch.equal(stored, originals)
+    fed = torch.cat(regularized.batches)
+    allowed = set(_rows(originals)) | set(_rows(stored))
+    assert len(fed) == TINY.epochs * n and set(_rows(fed)) <= allowed
+    assert set(_rows(fed)) & set(_rows(stored))  # copies are drawn, not just originals
+
+    # on the fly: originals only, plus the stored policy applied to each one as it is batched
+    assert fly.augment is not None
+    assert torch.equal(fly.train.versions, torch.arange(n)[:, None])
+    assert torch.equal(fly.train.images, originals)
+    ins = torch.stack([i for i, _ in fly.augmented])
+    outs = torch.stack([o for _, o in fly.augmented])
+    assert len(ins) == TINY.epochs * n and set(_rows(ins)) == set(_rows(originals))
+    changed = sum(not torch.equal(i, o) for i, o in fly.augmented)
+    assert changed >= 0.9 * len(ins), f"only {changed} of {len(ins)} images changed by the policy"
+    # and the model is fed exactly what the policy made, not the stored originals
+    assert torch.equal(torch.cat(fly.batches), outs)
 
 
 def test_a_failing_run_is_marked_failed(store: str, data_dirs, tmp_path: Path, monkeypatch):
