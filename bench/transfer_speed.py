@@ -67,13 +67,14 @@ from cnnlab.config import ConfigError, TrainParams, load_params
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train, split_mode
 from cnnlab.engine import fit, predict_logits
 from cnnlab.finetune import make_before_epoch, param_groups
+from cnnlab.hardware import cpu_features, resolve_runtime
 from cnnlab.models.backbones import WeightsUnavailableError, build_pretrained_classifier, create_backbone
 from cnnlab.models.classifier import Classifier
 from cnnlab.transfer import Trunk, backbone_spec
 
 # The machine helpers of the sibling benchmark (bench/ is on sys.path when a script there runs).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import cpu_flags, cpu_jiffies, cpu_model, own_cpu_seconds  # noqa: E402
+from train_throughput import cpu_jiffies, cpu_model, own_cpu_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 10.0  # the goal: feature_extract at least 10x faster than the naive loop at 10 epochs
@@ -230,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         note(str(exc))
         return 2
-    fxp, ftp = params.feature_extract, params.fine_tune
+    # "auto" resolved as the stages resolve it on this machine, so the rows say what runs
+    fxp, ftp = (p.model_copy(update={"precision": resolve_runtime(device="cpu", precision=p.precision).precision})
+                for p in (params.feature_extract, params.fine_tune))
     seed = params.base.seed if args.seed is None else args.seed
     size = args.image_size or fxp.image_size
     ft_batch = args.batch_size or ftp.batch_size
@@ -240,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.set_num_threads(torch.get_num_threads())  # PyTorch's default (one per usable core), stated
     threads = torch.get_num_threads()
-    flags = cpu_flags()
-    amx = "yes" if {"amx_bf16", "amx_tile"} <= flags else "no"
-    avx512_bf16 = "yes" if "avx512_bf16" in flags else "no"
+    features = cpu_features()
+    amx = "yes" if features.amx else "no"
+    avx512_bf16 = "yes" if features.avx512_bf16 else "no"
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     busy0, total0 = cpu_jiffies()
     own0 = own_cpu_seconds()
