@@ -24,10 +24,9 @@ from typing import Any
 import torch
 
 from cnnlab.config import ConfigError, DownloadParams, FeatureExtractParams, Params, load_params
+from cnnlab.data.idx import FASHION_MNIST_FILES
 from cnnlab.hardware import cpu_features, cpu_name, mps_available, resolve_device, resolve_runtime, usable_cores
 
-FASHION_MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 SETUP_FIX = "run `make setup` (installs requirements.lock into .venv)"
 # Every one of these runs in the default pipeline: dvc drives it, mlflow logs it, timm builds
 # the offline backbone, torchvision transforms the images.
@@ -124,7 +123,7 @@ def data_facts(download: DownloadParams, root: Path, report: Report) -> dict[str
     facts: dict[str, Any] = {"source": download.source}
     if download.source == "fashion_mnist":
         folder = (root / download.fashion_mnist_dir).resolve()
-        missing = [n for n in FASHION_MNIST_NAMES if not (folder / n).is_file()]
+        missing = [n for n in FASHION_MNIST_FILES if not (folder / n).is_file()]
         facts |= {"fashion_mnist_dir": str(folder), "missing": missing}
         if missing:  # the stage falls back to the mirrors: slower, and needs the internet
             report.warnings.append(Finding(
