@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 # prints a warning naming the op. It must be set before torch loads, hence here, in the entry point.
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
-from cnnlab.config import ConfigError, Params, load_params  # noqa: E402
+from cnnlab.config import ConfigError, Params, Variant, load_params  # noqa: E402
 
 if TYPE_CHECKING:
     from cnnlab.training import TrainOutputs
@@ -44,3 +44,13 @@ def train_outputs(args: argparse.Namespace) -> TrainOutputs:
 
     return TrainOutputs(model_dir=Path(args.model), metrics=Path(args.metrics), history=Path(args.history),
                         curves=Path(args.curves), checkpoint=Path(args.checkpoint))
+
+
+def variant(params: Params, name: str, kind: str) -> Variant:
+    """The resolved ``variants.<kind>.<name>`` entry (dvc.yaml passes ``--variant <name>``)."""
+    variants = params.resolved_variants()
+    v = variants.get(name)
+    if v is None or v.kind != kind:
+        have = ", ".join(n for n, o in variants.items() if o.kind == kind) or "none"
+        raise ConfigError(f"variants.{kind}.{name}: not in params.yaml (its {kind} variants: {have})")
+    return v

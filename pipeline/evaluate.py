@@ -1,4 +1,4 @@
-"""Stage `evaluate`: every variant on the held-out test split, their ensemble, McNemar tests, MLflow."""
+"""Stage `evaluate`: every declared variant on the held-out test split, their ensemble, McNemar tests, MLflow."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from cnnlab.evaluate import evaluate_variants
 
 
 def main() -> None:
-    args, params = parse(__doc__, "split", "models", "features", "val_metrics", "out", "metrics", "plots")
+    args, params = parse(__doc__, "split", "models", "features", "out", "metrics", "plots")
     p = params.evaluate
+    variants = params.resolved_variants()
     report = evaluate_variants(
-        variants=p.variants,
+        variants=list(variants),
         # The DVC stage that produces data/models/<name>, for error messages.
-        stages={name: f"train@{name}" if name in params.variants else name for name in p.variants},
+        stages={name: v.stage for name, v in variants.items()},
         split_dir=Path(args.split),
         models_dir=Path(args.models),
-        val_metrics_dir=Path(args.val_metrics),
         out_dir=Path(args.out),
         plots_dir=Path(args.plots),
         metrics_file=Path(args.metrics),

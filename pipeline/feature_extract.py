@@ -1,20 +1,25 @@
-"""Stage `feature_extract`: frozen backbone features (cached), a head trained on them, one MLflow run."""
+"""Stage `feature_extract@<variant>`: frozen backbone features (cached), a head trained on them,
+one MLflow run."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from _common import parse, run, train_outputs
+from _common import parse, run, train_outputs, variant
 
 from cnnlab.models.backbones import WeightsUnavailableError
 from cnnlab.transfer import FeatureExtractConfig, feature_extract
+from cnnlab.variants import run_params
 
 
 def main() -> None:
-    args, params = parse(__doc__, "split", "features", "model", "metrics", "history", "curves", "checkpoint")
-    p = params.feature_extract
+    args, params = parse(__doc__, "variant", "split", "features", "model", "metrics", "history", "curves",
+                         "checkpoint")
+    v = variant(params, args.variant, "feature_extract")
+    p = v.settings
     result = feature_extract(
+        variant=v.name,
         split_dir=Path(args.split),
         cache_dir=Path(args.features),
         fx=FeatureExtractConfig(backbone=p.backbone, weights=p.weights, image_size=p.image_size,
@@ -24,7 +29,7 @@ def main() -> None:
         head_cfg=p.head_train_params(),
         seed=params.base.seed,
         experiment=params.base.experiment,
-        logged_params={"seed": params.base.seed, "variant": "feature_extract", **p.model_dump()},
+        logged_params=run_params(v, params.resolved_variants(), params.base.seed),
         out=train_outputs(args),
     )
     print(json.dumps({k: result[k] for k in ("val_accuracy", "best_epoch", "epochs_run",

@@ -1,26 +1,29 @@
-"""Stage `fine_tune`: unfreeze the top blocks of the feature_extract model and train them."""
+"""Stage `fine_tune@<variant>`: unfreeze the top blocks of a feature_extract variant's model and
+train them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from _common import parse, run, train_outputs
+from _common import parse, run, train_outputs, variant
 
 from cnnlab.config import ConfigError
 from cnnlab.finetune import FineTuneConfig, fine_tune
+from cnnlab.variants import run_params
 
 
 def main() -> None:
-    args, params = parse(__doc__, "split", "train_data", "start_model", "model", "metrics", "history", "curves",
-                         "checkpoint")
-    p = params.fine_tune
-    if args.train_data != p.train_data:
-        raise ConfigError(f"--train-data {args.train_data} disagrees with fine_tune.train_data")
-    split_dir = Path(args.split)
+    args, params = parse(__doc__, "variant", "split", "augmented", "start_model", "model", "metrics", "history",
+                         "curves", "checkpoint")
+    v = variant(params, args.variant, "fine_tune")
+    p = v.settings
+    if Path(args.start_model).name != p.from_:
+        raise ConfigError(f"--start-model {args.start_model} is not variants.fine_tune.{v.name}.from ({p.from_})")
     result = fine_tune(
-        split_dir=split_dir,
-        augmented_dir=None if Path(args.train_data) == split_dir else Path(args.train_data),
+        variant=v.name,
+        split_dir=Path(args.split),
+        augmented_dir=Path(args.augmented) if p.train_data == "data/augmented" else None,
         start_model=Path(args.start_model),
         ft=FineTuneConfig(unfreeze_blocks=p.unfreeze_blocks, block_lr_decay=p.block_lr_decay,
                           unfreeze_every=p.unfreeze_every, train_bn=p.train_bn,
@@ -28,7 +31,7 @@ def main() -> None:
         cfg=p.train_params(),
         seed=params.base.seed,
         experiment=params.base.experiment,
-        logged_params={"seed": params.base.seed, "variant": "fine_tune", **p.model_dump()},
+        logged_params=run_params(v, params.resolved_variants(), params.base.seed),
         out=train_outputs(args),
     )
     print(json.dumps({k: result[k] for k in ("val_accuracy", "best_epoch", "epochs_run", "train_seconds",

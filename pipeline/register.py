@@ -1,4 +1,4 @@
-"""Stage `register`: every evaluated variant becomes a version of one registered model; the alias
+"""Stage `register`: every declared variant becomes a version of one registered model; the alias
 (`champion`) goes to the best validation accuracy."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from cnnlab.tracking import tracking_uri
 
 
 def main() -> None:
-    args, params = parse(__doc__, "models", "metrics", "out")
-    models, metrics = Path(args.models), Path(args.metrics)
-    evaluate_file = metrics / "evaluate.json"
+    args, params = parse(__doc__, "models", "test_metrics", "out")
+    models, evaluate_file = Path(args.models), Path(args.test_metrics)
     test = json.loads(evaluate_file.read_text()) if evaluate_file.exists() else None
-    candidates = [read_candidate(v, models / v, metrics / f"{v}.json", test) for v in params.evaluate.variants]
+    candidates = [read_candidate(name, models / name, test, v.stage)
+                  for name, v in params.resolved_variants().items()]
     mlflow.set_tracking_uri(tracking_uri())
     result = register_variants(mlflow.MlflowClient(), params.registry.model_name, params.registry.alias,
                                candidates)

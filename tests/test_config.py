@@ -26,7 +26,12 @@ def _keys(model: type[BaseModel], data: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def _yaml_keys(data: dict, prefix: str = "", leaf_dicts: tuple[str, ...] = ("train.arch_kwargs",)) -> set[str]:
+# Leaves of the schema that hold free-form maps: builder arguments, and the variants of each kind
+# (each entry overrides its kind's section; see the variants tests below).
+LEAF_DICTS = ("train.arch_kwargs", "variants.scratch", "variants.feature_extract", "variants.fine_tune")
+
+
+def _yaml_keys(data: dict, prefix: str = "", leaf_dicts: tuple[str, ...] = LEAF_DICTS) -> set[str]:
     out = set()
     for k, v in data.items():
         key = prefix + k
@@ -114,16 +119,70 @@ def test_bad_yaml_and_missing_file(tmp_path: Path):
         load_params(bad)
 
 
-def test_unknown_key_inside_a_variant():
-    with pytest.raises(ConfigError) as err:
-        parse_params({"variants": {"scratch": {"dropuot": 0.1}}})
-    assert "variants.scratch.dropuot: unknown key (allowed here: dropout, train_data, on_the_fly, epochs)" in str(err.value)
-
-
 def test_train_rules():
     with pytest.raises(ConfigError, match="label_smoothing applies to cross_entropy only"):
         parse_params({"train": {"loss": "focal", "label_smoothing": 0.1}})
     with pytest.raises(ConfigError, match="train.optimizer = 'adagrad'"):
         parse_params({"train": {"optimizer": "adagrad"}})
     with pytest.raises(ConfigError, match="on_the_fly"):
-        parse_params({"variants": {"x": {"on_the_fly": True}}})
+        parse_params({"variants": {"scratch": {"x": {"on_the_fly": True}}}})
+
+
+# --- variants: one map per kind, each entry overriding its kind's section -------------------------
+
+def _variants(**by_kind) -> dict:
+    return {"variants": {"scratch": {}, "feature_extract": {}, "fine_tune": {}, **by_kind}}
+
+
+def test_repo_variants_resolve_in_table_order_with_their_stages():
+    variants = load_params(REPO / "params.yaml").resolved_variants()
+    assert [(n, v.kind, v.stage) for n, v in variants.items()] == [
+        ("scratch", "scratch", "train@scratch"), ("regularized", "scratch", "train@regularized"),
+        ("feature_extract", "feature_extract", "feature_extract@feature_extract"),
+        ("fine_tune", "fine_tune", "fine_tune@fine_tune")]
+    reg = variants["regularized"].settings
+    assert (reg.dropout, reg.train_data, reg.epochs, reg.arch) == (0.3, "data/augmented", 100, "simple_cnn")
+    assert variants["scratch"].settings.epochs == 40  # not overridden: the train section's
+    assert variants["fine_tune"].settings.from_ == "feature_extract"
+
+
+def test_an_entry_overrides_only_its_keys_and_nested_head_key_by_key():
+    p = parse_params({
+        "train": {"lr": 0.01},
+        "feature_extract": {"head": {"epochs": 7, "lr": 0.5}},
+        **_variants(scratch={"lenet": {"arch": "lenet5", "epochs": 20}},
+                    feature_extract={"fx": {"backbone": "resnet18", "head": {"lr": 0.1}}}),
+    })
+    v = p.resolved_variants()
+    assert (v["lenet"].settings.arch, v["lenet"].settings.epochs, v["lenet"].settings.lr) == ("lenet5", 20, 0.01)
+    head = v["fx"].settings.head
+    assert (head.lr, head.epochs) == (0.1, 7)  # its own lr, the section's epochs
+    assert v["fx"].settings.backbone == "resnet18"
+
+
+@pytest.mark.parametrize("variants, message", [
+    (_variants(scratch={"lenet": {"archh": "lenet5"}}),
+     r"variants\.scratch\.lenet\.archh: unknown key \(allowed here: arch, arch_kwargs"),
+    (_variants(scratch={"lenet": {"epochs": 0}}), r"variants\.scratch\.lenet\.epochs = 0: .*greater than or equal to 1"),
+    (_variants(scratch={"lenet": {"on_the_fly": True}}), r"variants\.scratch\.lenet: on_the_fly augmentation"),
+    (_variants(feature_extract={"fx": {"head": {"lrr": 1}}}), r"variants\.feature_extract\.fx\.head\.lrr: unknown key"),
+    (_variants(fine_tune={"ft": {}}), r"variants\.fine_tune\.ft\.from: required"),
+    (_variants(scratch={"s": {}}, fine_tune={"ft": {"from": "s"}}),
+     r"variants\.fine_tune\.ft\.from = 's': not a feature_extract variant \(have: none\)"),
+    (_variants(scratch={"a.b": {}}), r"variants\.scratch\.a\.b: 'a\.b' is not a valid variant name"),
+    (_variants(scratch={"../x": {}}), r"'\.\./x' is not a valid variant name"),
+    (_variants(scratch={"ensemble": {}}), r"variants\.scratch\.ensemble: 'ensemble' is reserved"),
+    (_variants(scratch={"x": {}}, feature_extract={"x": {}}),
+     r"variants\.feature_extract\.x: the name is also used by train@x"),
+    ({"variants": {"scratch": {}, "feature_extract": {}, "fine_tune": {}}}, r"variants: no variant is declared"),
+    ({"variants": {"scrach": {"x": {}}}}, r"variants\.scrach: unknown key \(allowed here: scratch, feature_extract, fine_tune\)"),
+])
+def test_a_bad_variant_entry_is_refused_naming_it(variants: dict, message: str):
+    with pytest.raises(ConfigError, match=message):
+        parse_params(variants)
+
+
+def test_every_bad_entry_is_listed_at_once():
+    with pytest.raises(ConfigError) as err:
+        parse_params(_variants(scratch={"a": {"archh": 1}, "b": {"lr": -1}}))
+    assert "variants.scratch.a.archh" in str(err.value) and "variants.scratch.b.lr = -1" in str(err.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -172,13 +173,13 @@ def workspace(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         else:
             with tracked_run(experiment="evaltest", run_name=name, tags={"variant": name}, params={}) as run:
                 run_id = run.info.run_id
-        (folder / "run.json").write_text(json.dumps({"run_id": run_id, "variant": name}))
-        (tmp_path / "metrics").mkdir(exist_ok=True)
-        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps({"val_accuracy": [0.5, 0.7, 0.6][i]}))
+        (folder / "run.json").write_text(json.dumps({"run_id": run_id, "variant": name,
+                                                     "val_accuracy": [0.5, 0.7, 0.6][i]}))
+    (tmp_path / "metrics").mkdir()
     params = {"base": {"seed": 7, "experiment": "evaltest"},
-              "evaluate": {"variants": list(VARIANTS), "batch_size": 16, "bootstrap_samples": 200,
-                           "misclassified": 4}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+              "variants": {"scratch": {name: {} for name in VARIANTS}, "feature_extract": {}, "fine_tune": {}},
+              "evaluate": {"batch_size": 16, "bootstrap_samples": 200, "misclassified": 4}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return tmp_path
 
 
@@ -189,8 +190,7 @@ def _run_stage(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec.loader.exec_module(module)
     monkeypatch.setattr(sys, "argv", [
         "evaluate.py", "--params", str(ws / "params.yaml"), "--split", str(ws / "split"), "--models",
-        str(ws / "models"), "--features", str(ws / "features"), "--val-metrics", str(ws / "metrics"),
-        "--out", str(ws / "evaluation"),
+        str(ws / "models"), "--features", str(ws / "features"), "--out", str(ws / "evaluation"),
         "--metrics", str(ws / "metrics" / "evaluate.json"), "--plots", str(ws / "plots")])
     module.main()
 
@@ -267,7 +267,7 @@ def test_ensemble_false_leaves_the_ensemble_out_everywhere(workspace: Path, monk
     own results are those of a run with the ensemble."""
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["evaluate"]["ensemble"] = False
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run_stage(workspace, monkeypatch)
 
     comparison = pd.read_csv(workspace / "evaluation" / "comparison.csv")
@@ -291,7 +291,7 @@ def test_ensemble_false_leaves_the_ensemble_out_everywhere(workspace: Path, monk
 
     # the variants' rows are unchanged by leaving the ensemble out
     params["evaluate"]["ensemble"] = True
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run_stage(workspace, monkeypatch)
     with_ensemble = json.loads((workspace / "metrics" / "evaluate.json").read_text())
     assert "ensemble" in with_ensemble
@@ -300,13 +300,13 @@ def test_ensemble_false_leaves_the_ensemble_out_everywhere(workspace: Path, monk
 
 def test_a_missing_model_names_the_folder_and_the_stage_to_run(workspace: Path, monkeypatch):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["evaluate"]["variants"] = ["scratch", "fine_tune"]
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(FileNotFoundError, match=r"models/fine_tune: no model; run `dvc repro fine_tune`"):
+    params["variants"]["scratch"] = {"scratch": {}, "lenet": {}}
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(FileNotFoundError, match=r"models/lenet: no model; run `dvc repro train@lenet`"):
         _run_stage(workspace, monkeypatch)
-    params["evaluate"]["variants"] = ["scratch", "ensemble"]
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ValueError, match="'ensemble' is a reserved name"):
+    params["variants"]["scratch"] = {"scratch": {}, "ensemble": {}}
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(ValueError, match="variants.scratch.ensemble: 'ensemble' is reserved"):
         _run_stage(workspace, monkeypatch)
     assert not (workspace / "evaluation").exists()
 
@@ -319,26 +319,28 @@ def test_frozen_backbone_is_scored_from_its_own_cached_test_features(split_dir: 
     from test_transfer import _run
 
     _run(split_dir, tmp_path / "fx")
-    models, metrics = tmp_path / "models", tmp_path / "metrics"
+    models, features = tmp_path / "models", tmp_path / "features"
     model, spec = load_classifier(tmp_path / "fx" / "model")
     save_classifier(model, spec, models / "feature_extract")
     with torch.no_grad():  # a "fine-tuned" copy: same architecture, one backbone weight changed
         model.net.features.conv_head.weight.mul_(1.01)
     save_classifier(model, spec, models / "tuned")
-    metrics.mkdir()
     for name in ("feature_extract", "tuned"):
-        (metrics / f"{name}.json").write_text(json.dumps({"val_accuracy": 0.5}))
+        (models / name / "run.json").write_text(json.dumps({"val_accuracy": 0.5}))
+    # data/features/<variant>: the tuned model gets the same cache, made by another backbone
+    for name in ("feature_extract", "tuned"):
+        shutil.copytree(tmp_path / "fx" / "features", features / name)
 
     def run(features: Path | None) -> pd.DataFrame:
         capsys.readouterr()
         evaluate_variants(variants=["feature_extract", "tuned"], stages={"feature_extract": "fx", "tuned": "ft"}, split_dir=split_dir, models_dir=models,
-                          val_metrics_dir=metrics, out_dir=tmp_path / "ev", plots_dir=tmp_path / "pl",
+                          out_dir=tmp_path / "ev", plots_dir=tmp_path / "pl",
                           metrics_file=tmp_path / "ev.json", batch_size=16, bootstrap_samples=100, confidence=0.95,
                           ensemble=False, misclassified=2, seed=0, experiment="t", logged_params={},
                           features_dir=features)
         return pd.read_csv(tmp_path / "ev" / "comparison.csv").set_index("variant")
 
-    cached = run(tmp_path / "fx" / "features")
+    cached = run(features)
     err = capsys.readouterr().err
     assert "feature_extract: test features from" in err and "tuned: test features" not in err
     full = run(None)

@@ -37,7 +37,7 @@ def start(split_dir: Path, tmp_path: Path) -> Path:  # noqa: F811
 
 def test_only_the_top_blocks_and_head_change(split_dir: Path, start: Path, tmp_path: Path):  # noqa: F811
     before, spec = load_classifier(start)
-    result = fine_tune(split_dir=split_dir, augmented_dir=None, start_model=start, ft=FT, cfg=CFG, seed=0,
+    result = fine_tune(variant="fine_tune", split_dir=split_dir, augmented_dir=None, start_model=start, ft=FT, cfg=CFG, seed=0,
                        experiment="t", logged_params={"variant": "fine_tune"}, out=_outs(tmp_path / "ft"))
     after, _ = load_classifier(tmp_path / "ft" / "model")
     assert result["unfrozen"] == ["bn2", "conv_head"]  # nearest the head first
@@ -71,7 +71,7 @@ def test_refuses_to_start_from_a_non_backbone_model(split_dir: Path, tmp_path: P
     spec = ModelSpec(kind="zoo", arch="tinyvgg", classes=["a", "b"], mode="L", image_size=28, mean=[0.5], std=[0.5])
     save_classifier(build_classifier(spec), spec, tmp_path / "zoo")
     with pytest.raises(ValueError, match="starts from a backbone model"):
-        fine_tune(split_dir=split_dir, augmented_dir=None, start_model=tmp_path / "zoo", ft=FT, cfg=CFG, seed=0,
+        fine_tune(variant="fine_tune", split_dir=split_dir, augmented_dir=None, start_model=tmp_path / "zoo", ft=FT, cfg=CFG, seed=0,
                   experiment="t", logged_params={}, out=_outs(tmp_path / "x"))
 
 
@@ -92,7 +92,7 @@ root = Path(sys.argv[1])
 out = TrainOutputs(model_dir=root / "model", metrics=root / "metrics.json", history=root / "history.csv",
                    curves=root / "curves.png", checkpoint=root / "ckpt.pt")
 cfg = FineTuneParams(epochs=4, batch_size=16, early_stopping_patience=None, lr=0.001).train_params()
-r = fine_tune(split_dir=Path({split!r}), augmented_dir=None, start_model=Path({start!r}),
+r = fine_tune(variant="fine_tune", split_dir=Path({split!r}), augmented_dir=None, start_model=Path({start!r}),
               ft=FineTuneConfig(2, 0.3, 1, True), cfg=cfg, seed=0, experiment="t",
               logged_params={{"variant": "fine_tune"}}, out=out)
 print(json.dumps({{"run_id": r["run_id"]}}))
@@ -137,7 +137,7 @@ def test_cached_frozen_blocks_train_the_same_model_as_running_them(split_dir: Pa
     ft = FineTuneConfig(unfreeze_blocks=4, block_lr_decay=0.5, unfreeze_every=0, train_bn=False)
     runs = {}
     for cache in (True, False):
-        runs[cache] = fine_tune(split_dir=split_dir, augmented_dir=None, start_model=start,
+        runs[cache] = fine_tune(variant="fine_tune", split_dir=split_dir, augmented_dir=None, start_model=start,
                                 ft=FineTuneConfig(**{**ft.__dict__, "cache_frozen": cache}), cfg=CFG, seed=0,
                                 experiment="t", logged_params={"cache": cache}, out=_outs(tmp_path / str(cache)))
     cached, _ = load_classifier(tmp_path / "True" / "model")

@@ -105,8 +105,8 @@ def test_local_source_with_bad_images_quarantines_them(tmp_path: Path):
 BEATS_CHANCE = {"scratch": 0.4, "regularized": 0.4, "feature_extract": 0.3, "fine_tune": 0.25}
 VARIANTS = ("scratch", "regularized", "feature_extract", "fine_tune")
 METRICS_FILES = tuple(f"data/metrics/{name}.json" for name in ("split", "augment", *VARIANTS, "evaluate"))
-STAGES = ("download", "split", "augment", "train@scratch", "train@regularized", "feature_extract", "fine_tune",
-          "evaluate", "register")
+STAGES = ("download", "split", "augment", "train@scratch", "train@regularized", "feature_extract@feature_extract",
+          "fine_tune@fine_tune", "evaluate", "register")
 
 
 def check_beats_chance(ws: Path) -> dict[str, float]:
@@ -125,8 +125,7 @@ def check_champion(ws: Path, client, runs: dict[str, str], evaluated: dict) -> N
 
     registry = json.loads((ws / "data/registry.json").read_text())
     val = {v: json.loads((ws / f"data/metrics/{v}.json").read_text())["val_accuracy"] for v in VARIANTS}
-    candidates = [read_candidate(v, ws / "data/models" / v, ws / f"data/metrics/{v}.json", evaluated)
-                  for v in VARIANTS]
+    candidates = [read_candidate(v, ws / "data/models" / v, evaluated) for v in VARIANTS]
     champion = choose_champion(candidates).variant
     assert registry["champion"] == champion and val[champion] == max(val.values())
     assert f"ensemble_vs_{champion}" in evaluated["mcnemar"]
@@ -135,11 +134,11 @@ def check_champion(ws: Path, client, runs: dict[str, str], evaluated: dict) -> N
     assert sorted(registry["versions"]) == sorted(VARIANTS)
 
 
-def read_metrics_files(ws: Path) -> dict[str, bytes]:
+def read_metrics_files(ws: Path, files: tuple[str, ...] = METRICS_FILES) -> dict[str, bytes]:
     """Every metrics file the run wrote; exactly the ones dvc.yaml declares for this config."""
     found = {p.relative_to(ws).as_posix() for p in (ws / "data/metrics").glob("*.json")}
-    assert found == set(METRICS_FILES)
-    return {name: (ws / name).read_bytes() for name in METRICS_FILES}
+    assert found == set(files)
+    return {name: (ws / name).read_bytes() for name in files}
 
 
 def check_same_metrics(before: dict[str, bytes], after: dict[str, bytes]) -> None:
@@ -170,9 +169,13 @@ def test_full_repro_trains_both_variants_into_mlflow_deterministically(tmp_path:
     for variant, run_id in runs.items():
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags["variant"] == variant
+        assert run.info.run_name == variant
         if variant in ("scratch", "regularized"):
-            expected = yaml.safe_load((ws / "params.yaml").read_text())["variants"][variant]["dropout"]
+            expected = yaml.safe_load((ws / "params.yaml").read_text())["variants"]["scratch"][variant]["dropout"]
             assert run.data.params["dropout"] == str(expected)
+        # One naming scheme for every kind, so MLflow's compare view lines the runs up.
+        assert {"kind", "arch", "image_size", "epochs", "batch_size", "lr", "dropout", "precision",
+                "device"} <= set(run.data.params), (variant, sorted(run.data.params))
         assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(run.data.metrics)
     check_beats_chance(ws)
 
@@ -192,3 +195,80 @@ def test_full_repro_trains_both_variants_into_mlflow_deterministically(tmp_path:
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert [s for s in STAGES if f"Running stage '{s}'" not in again.stdout] == [], again.stdout[-3000:]
     check_same_metrics(before, read_metrics_files(ws))
+
+
+def _set_variant(ws: Path, kind: str, name: str, entry: dict | None) -> None:
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    if entry is None:
+        del params["variants"][kind][name]
+    else:
+        params["variants"][kind][name] = entry
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_adding_a_variant_trains_only_it_and_removing_it_drops_it_everywhere(tmp_path: Path):
+    """The lenet entry of the README: added, only its stage, evaluate and register run, and it is in
+    every output and in MLflow; removed, it is in none of the outputs again."""
+    import mlflow
+
+    ws = _workspace(tmp_path, **TINY, train={"epochs": 3, "lr": 0.01, "arch": "tinyvgg",
+                                              "arch_kwargs": {"hidden_units": 4}},
+                    feature_extract={"image_size": 32, "head": {**yaml.safe_load(
+                        (REPO / "params.yaml").read_text())["feature_extract"]["head"], "epochs": 3}},
+                    fine_tune={"epochs": 1})
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["variants"]["scratch"]["regularized"]["epochs"] = 3
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first = _dvc(ws, "repro")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    before = read_metrics_files(ws)
+
+    _set_variant(ws, "scratch", "lenet", {"arch": "lenet5", "epochs": 2})
+    added = _dvc(ws, "repro")
+    assert added.returncode == 0, added.stdout[-3000:] + added.stderr[-3000:]
+    ran = sorted(line.split("'")[1] for line in added.stdout.splitlines() if line.startswith("Running stage"))
+    assert ran == ["evaluate", "register", "train@lenet"], added.stdout[-3000:]
+    evaluated = json.loads((ws / "data/metrics/evaluate.json").read_text())
+    assert "lenet" in evaluated
+    assert {"lenet_vs_fine_tune", "scratch_vs_lenet"} <= set(evaluated["mcnemar"])
+    table = (ws / "data/evaluation/comparison.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in table[1:]] == ["scratch", "regularized", "lenet", "feature_extract",
+                                                        "fine_tune", "ensemble"]
+    assert "lenet" in (ws / "data/evaluation/mcnemar.csv").read_text()
+    assert "lenet" in json.loads((ws / "data/registry.json").read_text())["versions"]
+    client = mlflow.MlflowClient(f"sqlite:///{ws}/mlflow.db")
+    run = client.get_run(json.loads((ws / "data/models/lenet/run.json").read_text())["run_id"])
+    assert run.info.run_name == "lenet" and run.info.status == "FINISHED"
+    assert (run.data.params["kind"], run.data.params["arch"], run.data.params["epochs"]) == ("scratch", "lenet5", "2")
+    assert client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                       filter_string=f"source_run_id = '{run.info.run_id}'")
+    # The other variants' results are untouched (their stages were not re-run).
+    after = read_metrics_files(ws, METRICS_FILES + ("data/metrics/lenet.json",))
+    assert [f for f in METRICS_FILES if f != "data/metrics/evaluate.json" and after[f] != before[f]] == []
+
+    _set_variant(ws, "scratch", "lenet", None)
+    removed = _dvc(ws, "repro")
+    assert removed.returncode == 0, removed.stdout[-3000:] + removed.stderr[-3000:]
+    ran = sorted(line.split("'")[1] for line in removed.stdout.splitlines() if line.startswith("Running stage"))
+    assert ran == ["evaluate", "register"], removed.stdout[-3000:]
+    evaluated = json.loads((ws / "data/metrics/evaluate.json").read_text())
+    assert "lenet" not in evaluated and not any("lenet" in pair for pair in evaluated["mcnemar"])
+    for table in ("comparison.csv", "mcnemar.csv", "per_class.csv", "comparison.md"):
+        assert "lenet" not in (ws / "data/evaluation" / table).read_text(), table
+    assert "lenet" not in json.loads((ws / "data/registry.json").read_text())["versions"]
+    assert not (ws / "data/plots/evaluate/confusion/lenet.csv").exists()
+    # Back to the first run's variants: evaluate writes the first run's metrics again.
+    assert (ws / "data/metrics/evaluate.json").read_bytes() == before["data/metrics/evaluate.json"]
+
+
+@pytest.mark.parametrize("kind, entry, message", [
+    ("scratch", {"archh": "lenet5"}, "variants.scratch.lenet.archh: unknown key"),
+    ("fine_tune", {"from": "scratch"}, "variants.fine_tune.lenet.from = 'scratch': not a feature_extract variant"),
+])
+def test_a_bad_variant_stops_the_pipeline_before_any_work(tmp_path: Path, kind: str, entry: dict, message: str):
+    ws = _workspace(tmp_path)
+    _set_variant(ws, kind, "lenet", entry)
+    result = _dvc(ws, "repro")
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (ws / "data/raw").exists()  # the first stage stopped before it wrote anything

@@ -41,11 +41,10 @@ def log_variant(root: Path, variant: str, val_accuracy: float) -> Candidate:
     save_classifier(build_classifier(spec), spec, model_dir)
     with tracked_run(experiment="reg-test", run_name=variant, tags={"variant": variant}, params={}) as run:
         info = log_classifier(model_dir, example_images=[_png(0)])
-    (model_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "model_uri": info.model_uri}))
-    metrics = root / "metrics"
-    metrics.mkdir(exist_ok=True)
-    (metrics / f"{variant}.json").write_text(json.dumps({"val_accuracy": val_accuracy}))
-    return read_candidate(variant, model_dir, metrics / f"{variant}.json", None)
+    (model_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "model_uri": info.model_uri,
+                                                     "val_accuracy": val_accuracy}))
+    (root / "metrics").mkdir(exist_ok=True)
+    return read_candidate(variant, model_dir, None)
 
 
 @pytest.fixture
@@ -103,12 +102,12 @@ def test_a_run_missing_from_the_store_is_a_clear_error(store: MlflowClient) -> N
 
 def _stage(tmp_path: Path, *variants: str) -> subprocess.CompletedProcess:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["evaluate"]["variants"] = list(variants)
+    params["variants"] = {"scratch": {v: {} for v in variants}, "feature_extract": {}, "fine_tune": {}}
     params["registry"]["model_name"] = "stage-clf"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return subprocess.run(
         [sys.executable, str(REPO / "pipeline" / "register.py"), "--params", "params.yaml", "--models", "models",
-         "--metrics", "metrics", "--out", "registry.json"],
+         "--test-metrics", "metrics/evaluate.json", "--out", "registry.json"],
         cwd=tmp_path, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
 
 

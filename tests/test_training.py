@@ -57,7 +57,7 @@ def test_train_variant_writes_outputs_and_a_complete_mlflow_run(store: str, data
     result, out = _train(split, aug, tmp_path / "a")
     run = mlflow.MlflowClient().get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["variant"] == "regularized" and run.data.tags["stage"] == "train"
+    assert run.data.tags["variant"] == "regularized" and run.data.tags["stage"] == "train@regularized"
     assert run.data.params["train.arch"] == "tinyvgg"
     history = mlflow.MlflowClient().get_metric_history(result["run_id"], "val_accuracy")
     assert [m.step for m in history] == [1, 2]

@@ -35,7 +35,7 @@ def split_dir(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def _run(split_dir: Path, root: Path, fx: FeatureExtractConfig = FX):
     out = TrainOutputs(model_dir=root / "model", metrics=root / "metrics.json", history=root / "history.csv",
                        curves=root / "curves.png", checkpoint=root / "ckpt.pt")
-    return feature_extract(split_dir=split_dir, cache_dir=root / "features", fx=fx, head_cfg=HEAD, seed=0,
+    return feature_extract(variant="feature_extract", split_dir=split_dir, cache_dir=root / "features", fx=fx, head_cfg=HEAD, seed=0,
                            experiment="t", logged_params={"variant": "feature_extract"}, out=out), out
 
 

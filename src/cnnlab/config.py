@@ -8,6 +8,7 @@ work, with a message that names the key, the value and what is allowed.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -125,12 +126,18 @@ class AugmentParams(_Section):
         return self
 
 
+TrainData = Literal["data/split", "data/augmented"]
+
+
 class TrainParams(_Section):
-    """The training engine's settings, shared by the from-scratch variants."""
+    """The from-scratch kind's settings: what every `scratch` variant starts from."""
 
     arch: Annotated[str, Field(min_length=1)] = "simple_cnn"
     arch_kwargs: dict[str, int | float | str | bool | list[int | str]] = {}
     image_size: Annotated[int, Field(ge=8, le=1024)] = 28
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    train_data: TrainData = "data/split"
+    on_the_fly: bool = False
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 40
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adamw"
@@ -157,19 +164,6 @@ class TrainParams(_Section):
     def _compatible(self) -> TrainParams:
         if self.loss == "focal" and self.label_smoothing:
             raise ValueError("label_smoothing applies to cross_entropy only; set it to 0 with loss: focal")
-        return self
-
-
-class VariantParams(_Section):
-    """What distinguishes one from-scratch variant from another."""
-
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    train_data: Literal["data/split", "data/augmented"] = "data/split"
-    on_the_fly: bool = False
-    epochs: Annotated[int, Field(ge=1, le=10_000)] | None = None  # None: train.epochs
-
-    @model_validator(mode="after")
-    def _on_the_fly_needs_policy(self) -> VariantParams:
         if self.on_the_fly and self.train_data != "data/augmented":
             raise ValueError("on_the_fly augmentation uses the augment stage's policy: set train_data: data/augmented")
         return self
@@ -229,13 +223,17 @@ class FineTuneParams(_LoopParams):
     tf32: bool = True
 
     def train_params(self) -> TrainParams:
-        return TrainParams(**self.model_dump(exclude={"train_data", "unfreeze_blocks", "block_lr_decay",
-                                                      "unfreeze_every", "train_bn", "cache_frozen"}))
+        return TrainParams(**self.model_dump(include=set(TrainParams.model_fields) - {"train_data"}))
+
+
+class FineTuneVariant(FineTuneParams):
+    """A fine_tune variant: its section's settings plus the feature_extract variant it starts from."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+    from_: Annotated[str, Field(alias="from", min_length=1)]
 
 
 class EvaluateParams(_Section):
-    variants: Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]], Field(min_length=1)] = [
-        "scratch", "regularized", "feature_extract", "fine_tune"]
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     bootstrap_samples: Annotated[int, Field(ge=100, le=1_000_000)] = 2000
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
@@ -249,20 +247,127 @@ class RegistryParams(_Section):
     alias: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", max_length=100)] = "champion"
 
 
+# A variant's kind, the params.yaml section it overrides, and the DVC stage that trains it.
+KINDS: dict[str, tuple[str, str]] = {
+    "scratch": ("train", "train"),
+    "feature_extract": ("feature_extract", "feature_extract"),
+    "fine_tune": ("fine_tune", "fine_tune"),
+}
+# A variant's name is a DVC stage key (train@<name>), a folder (data/models/<name>), a params.yaml key
+# path (variants.scratch.<name>: no dots) and an MLflow run name.
+VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+# Keys of their own in evaluate's outputs (the ensemble row, the McNemar tests, the summary run).
+RESERVED_NAMES = ("ensemble", "mcnemar", "evaluate")
+# Section fields that are sections themselves: a variant overrides their keys one by one.
+_NESTED = ("head",)
+
+VariantSettings = TrainParams | FeatureExtractParams | FineTuneVariant
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One entry of ``variants``, resolved: its kind's section with the entry's keys on top."""
+
+    name: str
+    kind: str  # scratch | feature_extract | fine_tune
+    settings: Any  # TrainParams (scratch), FeatureExtractParams, FineTuneVariant
+    overrides: dict[str, Any]  # what the entry itself sets
+
+    @property
+    def stage(self) -> str:
+        """The DVC stage that trains it, e.g. ``train@scratch``."""
+        return f"{KINDS[self.kind][1]}@{self.name}"
+
+
+class VariantsParams(_Section):
+    """``variants``: one map per kind, variant name -> the keys it changes in that kind's section."""
+
+    scratch: dict[str, dict[str, Any] | None] = {
+        "scratch": {"dropout": 0.0, "train_data": "data/split"},
+        "regularized": {"dropout": 0.3, "train_data": "data/augmented", "epochs": 100},
+    }
+    feature_extract: dict[str, dict[str, Any] | None] = {"feature_extract": {}}
+    fine_tune: dict[str, dict[str, Any] | None] = {"fine_tune": {"from": "feature_extract"}}
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     download: DownloadParams = DownloadParams()
     split: SplitParams = SplitParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
-    variants: dict[str, VariantParams] = {
-        "scratch": VariantParams(),
-        "regularized": VariantParams(dropout=0.3, train_data="data/augmented", epochs=100),
-    }
     feature_extract: FeatureExtractParams = FeatureExtractParams()
     fine_tune: FineTuneParams = FineTuneParams()
+    variants: VariantsParams = VariantsParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
+
+    @model_validator(mode="after")
+    def _variants_resolve(self) -> Params:
+        self.resolved_variants()  # raises ValueError naming the entry
+        return self
+
+    def resolved_variants(self) -> dict[str, Variant]:
+        """Every variant, in table order (kind by kind, then as listed), fully resolved."""
+        out: dict[str, Variant] = {}
+        problems: list[str] = []
+        for kind, (section, _stage) in KINDS.items():
+            base = getattr(self, section).model_dump(by_alias=True)
+            model = FineTuneVariant if kind == "fine_tune" else type(getattr(self, section))
+            for name, entry in getattr(self.variants, kind).items():
+                where = f"variants.{kind}.{name}"
+                entry = entry or {}
+                if not VARIANT_NAME.match(name):
+                    problems.append(f"{where}: {name!r} is not a valid variant name (a letter, then letters, "
+                                    "digits, _ or -, at most 64: it names a DVC stage, a folder and an MLflow run)")
+                    continue
+                if name in RESERVED_NAMES:
+                    problems.append(f"{where}: {name!r} is reserved (evaluate's outputs use it); rename the variant")
+                    continue
+                if name in out:
+                    problems.append(f"{where}: the name is also used by {out[name].stage}; variant names are "
+                                    "unique across kinds")
+                    continue
+                merged = {**base, **{k: ({**base[k], **v} if k in _NESTED and isinstance(v, dict) else v)
+                                     for k, v in entry.items()}}
+                try:
+                    settings = model.model_validate(merged)
+                except ValidationError as exc:
+                    problems.extend(_entry_errors(exc, where, model, merged))
+                    continue
+                out[name] = Variant(name=name, kind=kind, settings=settings, overrides=dict(entry))
+        for v in out.values():
+            if v.kind == "fine_tune":
+                start = out.get(v.settings.from_)
+                if start is None or start.kind != "feature_extract":
+                    have = ", ".join(n for n, o in out.items() if o.kind == "feature_extract") or "none"
+                    problems.append(f"variants.fine_tune.{v.name}.from = {v.settings.from_!r}: not a "
+                                    f"feature_extract variant (have: {have})")
+        if not out and not problems:
+            problems.append("variants: no variant is declared; add one, e.g. variants.scratch.scratch: {}")
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return out
+
+
+def _entry_errors(exc: ValidationError, where: str, model: type[BaseModel], merged: dict[str, Any]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join([where, *loc])
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(f.alias or n for n, f in model.model_fields.items())
+            lines.append(f"{key}: unknown key (allowed here: {allowed})")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required")
+        elif err["type"] == "value_error" or not loc:
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            value: Any = merged
+            for part in loc:
+                value = value.get(part, "<missing>") if isinstance(value, dict) else "<n/a>"
+            lines.append(f"{key} = {value!r}: {err['msg']}")
+    return lines
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
@@ -278,7 +383,8 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         allowed = ", ".join(model.model_fields)
         return f"{key}: unknown key (allowed here: {allowed})"
     if err["type"] == "value_error":  # our own cross-field rules: the message already says it all
-        return f"{key}: {err['msg'].removeprefix('Value error, ')}"
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{key}: {msg}" if loc else msg
     value: Any = raw
     for part in loc:
         value = value.get(part, "<missing>") if isinstance(value, dict) else "<n/a>"

@@ -47,7 +47,6 @@ def evaluate_variants(
     stages: dict[str, str],
     split_dir: Path,
     models_dir: Path,
-    val_metrics_dir: Path,
     out_dir: Path,
     plots_dir: Path,
     metrics_file: Path,
@@ -65,7 +64,7 @@ def evaluate_variants(
     """Evaluate ``models_dir/<variant>`` for each variant and write every output; returns the
     comparison and McNemar tables as Markdown. ``stages`` maps a variant to the DVC stage that
     trains it, for error messages. A frozen-backbone variant is scored from the test features
-    in ``features_dir`` when they were made by exactly its backbone (see `cnnlab.features`)."""
+    in ``features_dir/<variant>`` when they were made by exactly its backbone (see `cnnlab.features`)."""
     _check_names(variants)
     # fp32 with TF32 off on any device: the reported numbers are the model's, not the hardware's.
     rt = resolve_runtime(device=device, precision="fp32", channels_last=True, tf32=False)
@@ -73,11 +72,11 @@ def evaluate_variants(
     if not (split_dir / "test.csv").exists():
         raise FileNotFoundError(f"{split_dir / 'test.csv'}: no test split; run `dvc repro split`")
     classes = split_classes(split_dir)
-    loaded = [_load_variant(name, models_dir, val_metrics_dir, classes, stages[name]) for name in variants]
+    loaded = [_load_variant(name, models_dir, classes, stages[name]) for name in variants]
 
     results, labels, images = _score_variants(loaded, split_dir, classes, batch_size=batch_size,
                                               bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
-                                              rt=rt, cache=FeatureCache(features_dir) if features_dir else None)
+                                              rt=rt, features_dir=features_dir)
     members = list(results)
     if ensemble and len(members) > 1:  # an ensemble of one would only repeat its member
         results.append(score(ENSEMBLE, ensemble_probabilities([r.probs for r in members]), labels, classes=classes,
@@ -104,14 +103,14 @@ def evaluate_variants(
 def _check_names(names: list[str]) -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ConfigError(f"evaluate.variants lists {', '.join(duplicates)} more than once")
+        raise ConfigError(f"variants: {', '.join(duplicates)} is listed more than once")
     reserved = sorted({ENSEMBLE, "mcnemar"} & set(names))  # keys of their own in the metrics file
     if reserved:
-        raise ConfigError(f"evaluate.variants: {', '.join(map(repr, reserved))} is a reserved name (the "
+        raise ConfigError(f"variants: {', '.join(map(repr, reserved))} is a reserved name (the "
                           "ensemble's / the McNemar tests' key in the metrics file); rename that variant")
 
 
-def _load_variant(name: str, models: Path, val_metrics: Path, classes: list[str], stage: str) -> Variant:
+def _load_variant(name: str, models: Path, classes: list[str], stage: str) -> Variant:
     folder = models / name
     if not (folder / "spec.json").exists() or not (folder / "weights.pt").exists():
         raise FileNotFoundError(f"{folder}: no model; run `dvc repro {stage}`")
@@ -119,20 +118,19 @@ def _load_variant(name: str, models: Path, val_metrics: Path, classes: list[str]
     if list(spec.classes) != classes:
         raise ValueError(f"{folder / 'spec.json'}: its classes differ from the split's classes.json; the model "
                          f"is out of date, run `dvc repro {stage}`")
-    metrics_file = val_metrics / f"{name}.json"
-    try:
-        val_accuracy = json.loads(metrics_file.read_text(encoding="utf-8"))["val_accuracy"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{metrics_file}: not found; run `dvc repro {stage}`") from None
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{metrics_file}: no numeric val_accuracy; run `dvc repro {stage}`") from None
     run_file = folder / "run.json"
-    run_id = json.loads(run_file.read_text(encoding="utf-8")).get("run_id") if run_file.exists() else None
-    return Variant(name=name, model=model, spec=spec, run_id=run_id, val_accuracy=float(val_accuracy))
+    try:
+        run = json.loads(run_file.read_text(encoding="utf-8"))
+        val_accuracy = float(run["val_accuracy"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run_file}: not found; run `dvc repro {stage}`") from None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{run_file}: no numeric val_accuracy; run `dvc repro {stage}`") from None
+    return Variant(name=name, model=model, spec=spec, run_id=run.get("run_id"), val_accuracy=val_accuracy)
 
 
 def _score_variants(variants: list[Variant], split_dir: Path, classes: list[str], *, batch_size: int,
-                    bootstrap_samples: int, confidence: float, seed: int, rt: Runtime, cache: FeatureCache | None,
+                    bootstrap_samples: int, confidence: float, seed: int, rt: Runtime, features_dir: Path | None,
                     ) -> tuple[list[VariantResult], np.ndarray, dict[str, np.ndarray]]:
     """Each variant's test predictions scored; also the labels and the images each model saw."""
     tests: dict[tuple[str, int], TensorSet] = {}  # decoded once per input mode and size, shared
@@ -141,6 +139,7 @@ def _score_variants(variants: list[Variant], split_dir: Path, classes: list[str]
         key = (v.spec.mode, v.spec.image_size)
         if key not in tests:
             tests[key] = load_split(split_dir, "test", mode=v.spec.mode, size=v.spec.image_size)
+        cache = FeatureCache(features_dir / v.name) if features_dir and (features_dir / v.name).is_dir() else None
         logits = _cached_logits(v, split_dir, tests[key], cache, rt=rt)
         if logits is None:
             logits = _predict(v.model, tests[key].images, batch_size=batch_size, rt=rt, desc=f"test {v.name}")

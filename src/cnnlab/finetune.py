@@ -172,12 +172,13 @@ def prefix_cacheable(clf: Classifier, frozen: list[str], sample: torch.Tensor, *
 
 
 def fine_tune(
-    *, split_dir: Path, augmented_dir: Path | None, start_model: Path, ft: FineTuneConfig, cfg: TrainParams,
+    *, variant: str, split_dir: Path, augmented_dir: Path | None, start_model: Path, ft: FineTuneConfig, cfg: TrainParams,
     seed: int, experiment: str, logged_params: dict[str, Any], out: TrainOutputs,
 ) -> dict[str, Any]:
-    """Unfreeze the top blocks of the feature_extract model and train; one MLflow run."""
+    """Unfreeze the top blocks of a feature_extract model (``start_model``) and train; one MLflow run."""
     rt = resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, tf32=cfg.tf32)
-    print(f"fine_tune: {rt.describe()}", file=sys.stderr)
+    print(f"fine_tune@{variant}: {rt.describe()}", file=sys.stderr)
+    logged_params = {**logged_params, **rt.params()}
     torch.manual_seed(seed)
     clf, spec = load_classifier(start_model)
     if spec.kind != "backbone":
@@ -207,8 +208,8 @@ def fine_tune(
     fingerprint = params_hash({"params": logged_params, "data": files_digest(*manifests), "runtime": rt.key,
                                "from_prefix": why_not is None})
     previous = load_checkpoint(out.checkpoint, fingerprint)
-    with tracked_run(experiment=experiment, run_name="fine_tune",
-                     tags={"variant": "fine_tune", "stage": "fine_tune", **rt.tags()},
+    with tracked_run(experiment=experiment, run_name=variant,
+                     tags={"variant": variant, "kind": "fine_tune", "stage": f"fine_tune@{variant}", **rt.tags()},
                      params=logged_params, run_id=previous["extra"].get("run_id") if previous else None) as run:
         with swap_prefix(clf, frozen if why_not is None else []):
             result = fit(
@@ -223,7 +224,7 @@ def fine_tune(
         for p in clf.parameters():
             p.requires_grad_(True)
         metrics, timing, run_info = record_variant(
-            run, variant="fine_tune", model=clf, spec=spec, result=result, out=out, split_dir=split_dir,
-            experiment=experiment, title=f"fine_tune: {spec.arch}, top {ft.unfreeze_blocks} blocks")
+            run, variant=variant, model=clf, spec=spec, result=result, out=out, split_dir=split_dir,
+            experiment=experiment, title=f"{variant}: {spec.arch}, top {ft.unfreeze_blocks} blocks")
     out.checkpoint.unlink(missing_ok=True)
     return {**metrics, **timing, **run_info, "unfrozen": top}

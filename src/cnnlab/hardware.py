@@ -132,6 +132,10 @@ class Runtime:
         layout = "channels_last" if self.channels_last else "NCHW"
         return f"device {where}, precision {self.precision} ({self.reason}), {layout}{tf32}, {self.threads} threads"
 
+    def params(self) -> dict[str, str]:
+        """What the run's ``precision`` and ``device`` params resolved to (never "auto")."""
+        return {"precision": self.precision, "device": self.device.type}
+
     def tags(self) -> dict[str, str]:
         """MLflow tags that tell runs on different machines apart."""
         tags = {"runtime.device": self.device.type, "runtime.precision": self.precision,

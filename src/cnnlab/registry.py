@@ -50,16 +50,18 @@ class RegistryResult:
         return self.previous_version != self.champion_version
 
 
-def read_candidate(variant: str, model_dir: Path, metrics_file: Path, test_metrics: dict | None) -> Candidate:
-    """A variant from its stage outputs: ``<model_dir>/run.json`` and its DVC metrics file."""
+def read_candidate(variant: str, model_dir: Path, test_metrics: dict | None, stage: str = "") -> Candidate:
+    """A variant from its stage's ``<model_dir>/run.json`` (run, logged model, validation accuracy);
+    ``stage`` (e.g. ``train@scratch``) goes into the error messages."""
     run_file = model_dir / "run.json"
+    redo = f"`dvc repro {stage}`" if stage else "the variant's stage"
     try:
         run = json.loads(run_file.read_text())
-        val = json.loads(metrics_file.read_text())["val_accuracy"]
+        val = run["val_accuracy"]
     except FileNotFoundError as e:
-        raise RegistryError(f"{e.filename}: missing; run `dvc repro` to train variant {variant!r}") from None
-    except (KeyError, json.JSONDecodeError) as e:
-        raise RegistryError(f"{run_file} or {metrics_file}: unreadable ({e}); re-run the variant's stage") from None
+        raise RegistryError(f"{e.filename}: missing; run {redo} to train variant {variant!r}") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise RegistryError(f"{run_file}: unreadable or incomplete ({e}); run {redo}") from None
     test = (test_metrics or {}).get(variant, {}).get("test_accuracy")
     return Candidate(variant=variant, run_id=run["run_id"], model_uri=run["model_uri"],
                      val_accuracy=float(val), test_accuracy=None if test is None else float(test))
@@ -69,7 +71,7 @@ def choose_champion(candidates: Sequence[Candidate]) -> Candidate:
     """Best validation accuracy; a tie goes to the variant listed first (params order), so the
     choice never depends on dict order or on test results."""
     if not candidates:
-        raise RegistryError("no variants to choose from (evaluate.variants is empty)")
+        raise RegistryError("no variants to choose from (params.yaml declares none)")
     return max(candidates, key=lambda c: (c.val_accuracy, -candidates.index(c)))
 
 

@@ -59,6 +59,7 @@ def train_variant(
     """Train one variant end to end; returns its metrics (also written to ``out.metrics``)."""
     rt = resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, tf32=cfg.tf32)
     print(f"train@{variant}: {rt.describe()}", file=sys.stderr)
+    logged_params = {**logged_params, **rt.params()}
     torch.manual_seed(seed)
     mode, classes = split_mode(split_dir), split_classes(split_dir)
     train = load_train(split_dir, None if on_the_fly else augmented_dir, mode=mode, size=cfg.image_size)
@@ -83,7 +84,7 @@ def train_variant(
     resume_run = previous["extra"].get("run_id") if previous else None
 
     with tracked_run(experiment=experiment, run_name=variant,
-                     tags={"variant": variant, "stage": "train", **rt.tags()},
+                     tags={"variant": variant, "kind": "scratch", "stage": f"train@{variant}", **rt.tags()},
                      params=logged_params, run_id=resume_run) as run:
         result = fit(
             model, train, val, cfg, seed=seed, runtime=rt, checkpoint=out.checkpoint, fingerprint=fingerprint,
@@ -145,8 +146,10 @@ def record_variant(
     mlflow.log_artifact(str(out.curves), "plots")
     examples = [Path(r["path"]).read_bytes() for r in read_manifest(split_dir, "val")[:2]]
     info = log_classifier(out.model_dir, example_images=examples, **serving_limits(split_dir))
+    # val_accuracy here too: evaluate and register read every variant from data/models/<name>/ (the
+    # one folder DVC can hand them for any set of variants) and choose the champion by it.
     run_info = {"run_id": run.info.run_id, "experiment": experiment, "model_uri": info.model_uri,
-                "variant": variant}
+                "variant": variant, "val_accuracy": result.best_val_accuracy}
     write_json(out.model_dir / "run.json", run_info)
     write_json(out.metrics, metrics)
     return metrics, timing, run_info

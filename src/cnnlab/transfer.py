@@ -105,12 +105,13 @@ class FeatureExtractConfig:
 
 
 def feature_extract(
-    *, split_dir: Path, cache_dir: Path, fx: FeatureExtractConfig, head_cfg: TrainParams, seed: int,
+    *, variant: str, split_dir: Path, cache_dir: Path, fx: FeatureExtractConfig, head_cfg: TrainParams, seed: int,
     experiment: str, logged_params: dict[str, Any], out: TrainOutputs,
 ) -> dict[str, Any]:
-    """The `feature_extract` stage: cached backbone features, a head trained on them, one MLflow run."""
+    """The `feature_extract@<variant>` stage: cached backbone features, a head trained on them, one MLflow run."""
     rt = resolve_runtime(device=fx.device, precision=fx.precision, channels_last=fx.channels_last, tf32=fx.tf32)
-    print(f"feature_extract: {rt.describe()}", file=sys.stderr)
+    print(f"feature_extract@{variant}: {rt.describe()}", file=sys.stderr)
+    logged_params = {**logged_params, **rt.params()}
     torch.manual_seed(seed)
     spec = backbone_spec(split_dir, backbone=fx.backbone, weights=fx.weights, image_size=fx.image_size,
                          dropout=fx.head_dropout, hidden=fx.head_hidden)
@@ -120,8 +121,9 @@ def feature_extract(
     train = TrainSet(sets["train"].images, sets["train"].labels, torch.arange(len(sets["train"]))[:, None])
     head_rt = resolve_runtime(device=rt.device.type, precision=head_cfg.precision,
                               channels_last=head_cfg.channels_last, tf32=head_cfg.tf32)
-    with tracked_run(experiment=experiment, run_name="feature_extract",
-                     tags={"variant": "feature_extract", "stage": "feature_extract", **rt.tags()},
+    with tracked_run(experiment=experiment, run_name=variant,
+                     tags={"variant": variant, "kind": "feature_extract", "stage": f"feature_extract@{variant}",
+                           **rt.tags()},
                      params=logged_params) as run:
         result = fit(clf.net.head, train, sets["val"], head_cfg, seed=seed, runtime=head_rt,
                      checkpoint=out.checkpoint,
@@ -133,8 +135,8 @@ def feature_extract(
         clf.to(rt.device)
         diff = check_assembly(clf, spec, split_dir, sets["val"].images, rt=rt)
         metrics, timing, run_info = record_variant(
-            run, variant="feature_extract", model=clf, spec=spec, result=result, out=out, split_dir=split_dir,
-            experiment=experiment, title=f"feature_extract: frozen {fx.backbone} + head",
+            run, variant=variant, model=clf, spec=spec, result=result, out=out, split_dir=split_dir,
+            experiment=experiment, title=f"{variant}: frozen {fx.backbone} + head",
             extra_metrics={"extract_images_per_second": extract_rate, "assembly_max_logit_diff": diff})
     out.checkpoint.unlink(missing_ok=True)
     return {**metrics, **timing, **run_info}
