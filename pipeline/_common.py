@@ -16,7 +16,7 @@ os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 from cnnlab.config import ConfigError, Params, Variant, load_params  # noqa: E402
 
 if TYPE_CHECKING:
-    from cnnlab.training import TrainOutputs
+    from cnnlab.outputs import TrainOutputs
 
 
 def parse(description: str, *paths: str) -> tuple[argparse.Namespace, Params]:
@@ -40,7 +40,7 @@ def run(main: Callable[[], None], *expected: type[BaseException]) -> None:
 
 def train_outputs(args: argparse.Namespace) -> TrainOutputs:
     """The outputs every training stage writes, from its --model/--metrics/... options."""
-    from cnnlab.training import TrainOutputs
+    from cnnlab.outputs import TrainOutputs
 
     return TrainOutputs(model_dir=Path(args.model), metrics=Path(args.metrics), history=Path(args.history),
                         curves=Path(args.curves), checkpoint=Path(args.checkpoint))

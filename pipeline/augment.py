@@ -7,17 +7,16 @@ from pathlib import Path
 
 from _common import parse, run
 
-from cnnlab.data.augment import build_policy, run_augment
-from cnnlab.files import write_json
+from cnnlab.data.augment import build_policy
+from cnnlab.stages.augment import augment
 
 
 def main() -> None:
     args, params = parse(__doc__, "split", "out", "preview", "metrics")
     p = params.augment
     print(f"policy: {build_policy(p)}")
-    summary = run_augment(Path(args.split), Path(args.out), Path(args.preview), policy_params=p,
-                          copies=p.copies, seed=params.base.seed, preview_images=p.preview_images)
-    write_json(Path(args.metrics), summary)
+    summary = augment(Path(args.split), Path(args.out), Path(args.preview), Path(args.metrics), policy=p,
+                      copies=p.copies, seed=params.base.seed, preview_images=p.preview_images)
     print(json.dumps(summary, indent=2))
 
 

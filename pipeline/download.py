@@ -10,22 +10,18 @@ from _common import parse, run
 from cnnlab.data.archive import UnsafeArchiveError
 from cnnlab.data.fetch import DownloadError
 from cnnlab.data.idx import IdxFormatError
-from cnnlab.data.sources import SourceError, copy_local_folder, fetch_fashion_mnist, fetch_url_archive
+from cnnlab.data.sources import SourceError
+from cnnlab.stages.download import download
 
 
 def main() -> None:
     args, params = parse(__doc__, "out")
     p = params.download
-    out = Path(args.out)
-    if p.source == "fashion_mnist":
-        info = fetch_fashion_mnist(out, local_dir=Path(p.fashion_mnist_dir), mirrors=p.fashion_mnist_url,
-                                   max_bytes=p.max_download_bytes, timeout_s=p.timeout_s)
-    elif p.source == "url":
-        info = fetch_url_archive(out, url=p.url, sha256=p.sha256, max_bytes=p.max_download_bytes,
-                                 max_extracted_bytes=p.max_extracted_bytes, max_members=p.max_members,
-                                 max_compression_ratio=p.max_compression_ratio, timeout_s=p.timeout_s)
-    else:
-        info = copy_local_folder(out, folder=Path(p.local_dir))
+    info = download(Path(args.out), source=p.source, fashion_mnist_dir=Path(p.fashion_mnist_dir),
+                    fashion_mnist_urls=p.fashion_mnist_url, url=p.url, sha256=p.sha256,
+                    local_dir=Path(p.local_dir), max_download_bytes=p.max_download_bytes,
+                    max_extracted_bytes=p.max_extracted_bytes, max_members=p.max_members,
+                    max_compression_ratio=p.max_compression_ratio, timeout_s=p.timeout_s)
     print(json.dumps(info, indent=2))
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from _common import parse, run
 
-from cnnlab.evaluate import evaluate_variants
+from cnnlab.stages.evaluate import evaluate_variants
 
 
 def main() -> None:

@@ -9,18 +9,19 @@ from pathlib import Path
 from _common import parse, run, train_outputs, variant
 
 from cnnlab.models.backbones import WeightsUnavailableError
-from cnnlab.transfer import FeatureExtractConfig, feature_extract
+from cnnlab.stages.feature_extract import FeatureExtractConfig, feature_extract
 from cnnlab.variants import run_params
 
 
 def main() -> None:
-    args, params = parse(__doc__, "variant", "split", "features", "model", "metrics", "history", "curves",
-                         "checkpoint")
+    args, params = parse(__doc__, "variant", "split", "augmented", "features", "model", "metrics", "history",
+                         "curves", "checkpoint")
     v = variant(params, args.variant, "feature_extract")
     p = v.settings
     result = feature_extract(
         variant=v.name,
         split_dir=Path(args.split),
+        augmented_dir=Path(args.augmented) if p.train_data == "data/augmented" else None,
         cache_dir=Path(args.features),
         fx=FeatureExtractConfig(backbone=p.backbone, weights=p.weights, image_size=p.image_size,
                                 extract_batch_size=p.batch_size, precision=p.precision,

@@ -9,7 +9,7 @@ from pathlib import Path
 from _common import parse, run, train_outputs, variant
 
 from cnnlab.config import ConfigError
-from cnnlab.finetune import FineTuneConfig, fine_tune
+from cnnlab.stages.fine_tune import FineTuneConfig, fine_tune
 from cnnlab.variants import run_params
 
 

@@ -10,21 +10,20 @@ from _common import parse, run
 from cnnlab.data.folders import LayoutError
 from cnnlab.data.idx import IdxFormatError
 from cnnlab.data.sources import SourceError
-from cnnlab.data.split import SplitError, run_split
-from cnnlab.files import write_json
+from cnnlab.data.split import SplitError
+from cnnlab.stages.split import split
 
 
 def main() -> None:
     args, params = parse(__doc__, "raw", "out", "metrics")
     p = params.split
-    summary = run_split(
-        Path(args.raw), Path(args.out), seed=params.base.seed,
+    summary = split(
+        Path(args.raw), Path(args.out), Path(args.metrics), seed=params.base.seed,
         val_fraction=p.val_fraction, test_fraction=p.test_fraction,
         max_train_per_class=p.max_train_per_class, max_val_per_class=p.max_val_per_class,
         max_test_per_class=p.max_test_per_class, max_image_pixels=p.max_image_pixels,
         max_side=p.max_side, color_mode=p.color_mode,
     )
-    write_json(Path(args.metrics), summary)
     print(json.dumps(summary, indent=2))
     if summary["quarantined"]:
         print(f"{summary['quarantined']} file(s) quarantined: see {Path(args.out) / 'quarantine.csv'}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from _common import parse, run, train_outputs, variant
 
-from cnnlab.training import train_variant
+from cnnlab.stages.train import train_variant
 from cnnlab.variants import run_params
 
 

@@ -13,7 +13,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import cnnlab.models.backbones as bb
-from cnnlab.models.classifier import ModelSpec, build_classifier, load_classifier, save_classifier
+from cnnlab.models.classifier import ModelSpec, build_classifier, build_pretrained_classifier, load_classifier, save_classifier
 
 MILITARY_UNIFORM = 652  # ImageNet class of the Grace Hopper portrait
 
@@ -235,7 +235,7 @@ def test_pretrained_classifier_and_head_options(lite0_imagenet: torch.nn.Module)
         std=[0.5] * 3,
         kwargs={"dropout": 0.0, "hidden": 16},
     )
-    model = bb.build_pretrained_classifier(spec)
+    model = build_pretrained_classifier(spec)
     assert torch.equal(model.net.features.conv_stem.weight, lite0_imagenet.conv_stem.weight)
     assert [m.out_features for m in model.net.head if isinstance(m, torch.nn.Linear)] == [16, 2]
     assert model.eval()(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, 2)

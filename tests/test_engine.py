@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet
-from cnnlab.engine import FocalLoss, balanced_class_weights, evaluate, fit, load_checkpoint, make_criterion
+from cnnlab.engine import FocalLoss, balanced_class_weights, fit, validate, load_checkpoint, make_criterion
 from cnnlab.models.classifier import ModelSpec, build_classifier
 
 FAST = dict(epochs=4, batch_size=16, early_stopping_patience=None, precision="fp32", channels_last=False)
@@ -59,7 +59,7 @@ def test_learns_and_reports_exact_per_sample_accuracy():
     assert result.best_val_accuracy > 0.9
     # exact: a multiple of 1/len(val), and equal to a fresh evaluation of the restored best weights
     assert math.isclose(result.best_val_accuracy * len(val), round(result.best_val_accuracy * len(val)))
-    again = evaluate(m, val, batch_size=7, device=torch.device("cpu"))
+    again = validate(m, val, batch_size=7, device=torch.device("cpu"))
     assert again["accuracy"] == result.best_val_accuracy
 
 
@@ -145,7 +145,7 @@ def test_early_stopping_ends_patience_epochs_after_the_best_and_restores_it():
     # the model holds the best epoch's weights, not the last epoch's (which differ: training went on)
     assert not _same_weights(states[best], states[len(h)])
     assert _same_weights(m.state_dict(), states[best])
-    again = evaluate(m, TensorSet(val.images, true), batch_size=64, device=torch.device("cpu"))
+    again = validate(m, TensorSet(val.images, true), batch_size=64, device=torch.device("cpu"))
     assert again["accuracy"] == result.best_val_accuracy == h[best - 1]["val_accuracy"]
 
 
@@ -471,10 +471,10 @@ from cnnlab.engine import fit
 import cnnlab.engine as engine
 slow = int(sys.argv[2])
 if slow:  # give the parent time to kill us between epochs
-    real = engine.evaluate
+    real = engine.validate
     def evaluate(*a, **k):
         import time; time.sleep(slow / 10); return real(*a, **k)
-    engine.evaluate = evaluate
+    engine.validate = evaluate
 train, val = data(copies=1)
 cfg = TrainParams(**{{**FAST, "epochs": 6, "lr": 0.01}})
 r = fit(model(dropout=0.5), train, val, cfg, seed=3, checkpoint=__import__("pathlib").Path(sys.argv[1]), fingerprint="f")

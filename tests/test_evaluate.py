@@ -22,7 +22,7 @@ from test_transfer import split_dir  # noqa: F401  (fixture)
 from cnnlab.data.split import run_split
 from cnnlab.data.tensors import load_split, split_classes
 from cnnlab.engine import predict_logits
-from cnnlab.evaluation import (
+from cnnlab.scoring import (
     VariantResult,
     best_by_validation,
     bootstrap_interval,
@@ -314,7 +314,7 @@ def test_a_missing_model_names_the_folder_and_the_stage_to_run(workspace: Path, 
 def test_frozen_backbone_is_scored_from_its_own_cached_test_features(split_dir: Path, tmp_path: Path, capsys):  # noqa: F811,E501
     """The feature_extract model's test logits come from the cache feature_extract wrote (no second
     backbone pass) and equal a full forward; a model whose backbone differs is run in full."""
-    from cnnlab.evaluate import evaluate_variants
+    from cnnlab.stages.evaluate import evaluate_variants
     from cnnlab.models.classifier import save_classifier
     from test_transfer import _run
 

@@ -15,9 +15,9 @@ import torch
 
 from cnnlab.config import FineTuneParams
 from cnnlab.engine import load_checkpoint
-from cnnlab.finetune import FineTuneConfig, active_blocks, fine_tune, param_groups
+from cnnlab.stages.fine_tune import FineTuneConfig, active_blocks, fine_tune, param_groups
 from cnnlab.models.classifier import load_classifier
-from cnnlab.training import TrainOutputs
+from cnnlab.outputs import TrainOutputs
 from test_transfer import _run, split_dir  # noqa: F401  (fixture)
 
 CFG = FineTuneParams(epochs=2, batch_size=16, early_stopping_patience=None, lr=0.001).train_params()
@@ -81,13 +81,13 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 import cnnlab.engine as engine
 from cnnlab.config import FineTuneParams
-from cnnlab.finetune import FineTuneConfig, fine_tune
-from cnnlab.training import TrainOutputs
+from cnnlab.stages.fine_tune import FineTuneConfig, fine_tune
+from cnnlab.outputs import TrainOutputs
 slow = float(sys.argv[2])
-real = engine.evaluate
+real = engine.validate
 def evaluate(*a, **k):
     time.sleep(slow); return real(*a, **k)
-engine.evaluate = evaluate
+engine.validate = evaluate
 root = Path(sys.argv[1])
 out = TrainOutputs(model_dir=root / "model", metrics=root / "metrics.json", history=root / "history.csv",
                    curves=root / "curves.png", checkpoint=root / "ckpt.pt")
@@ -152,7 +152,7 @@ def test_cached_frozen_blocks_train_the_same_model_as_running_them(split_dir: Pa
 
 
 def test_frozen_blocks_with_dropout_or_too_big_for_memory_are_not_cached(start: Path):
-    from cnnlab.finetune import prefix_cacheable
+    from cnnlab.prefix_cache import prefix_cacheable
     from cnnlab.hardware import resolve_runtime
 
     clf, _ = load_classifier(start)

@@ -18,7 +18,8 @@ from cnnlab.config import AugmentParams, TrainParams
 from cnnlab.data.augment import run_augment
 from cnnlab.data.split import read_manifest, run_split
 from cnnlab.data.tensors import TrainSet
-from cnnlab.training import TrainOutputs, train_variant
+from cnnlab.outputs import TrainOutputs
+from cnnlab.stages.train import train_variant
 
 TINY = TrainParams(epochs=2, batch_size=16, early_stopping_patience=None, arch="tinyvgg",
                    arch_kwargs={"hidden_units": 4})
@@ -123,7 +124,7 @@ def fit_spy(monkeypatch: pytest.MonkeyPatch) -> list[FitCall]:
             lambda mod, args: call.batches.append(args[0].clone()) if mod.training else None)
         return engine.fit(model, train, val, cfg, **kw)
 
-    monkeypatch.setattr("cnnlab.training.fit", spy)
+    monkeypatch.setattr("cnnlab.stages.train.fit", spy)
     return calls
 
 
@@ -190,7 +191,7 @@ def test_a_failing_run_is_marked_failed(store: str, data_dirs, tmp_path: Path, m
     def fit(*args, **kwargs):  # a failure inside the run, e.g. out of memory in an epoch
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("cnnlab.training.fit", fit)
+    monkeypatch.setattr("cnnlab.stages.train.fit", fit)
     with pytest.raises(RuntimeError, match="boom"):
         _train(split, aug, tmp_path / "x")
     runs = mlflow.search_runs(experiment_names=["test"])

@@ -12,8 +12,8 @@ import torch
 
 from cnnlab.config import HeadParams, TrainParams
 from cnnlab.data.split import read_manifest, run_split
-from cnnlab.training import TrainOutputs
-from cnnlab.transfer import FeatureExtractConfig, feature_extract
+from cnnlab.outputs import TrainOutputs
+from cnnlab.stages.feature_extract import FeatureExtractConfig, feature_extract
 
 HEAD = TrainParams(**HeadParams(epochs=5, early_stopping_patience=None).model_dump(), precision="fp32",
                    channels_last=False)
@@ -32,11 +32,12 @@ def split_dir(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     return out
 
 
-def _run(split_dir: Path, root: Path, fx: FeatureExtractConfig = FX):
+def _run(split_dir: Path, root: Path, fx: FeatureExtractConfig = FX, augmented: Path | None = None):
     out = TrainOutputs(model_dir=root / "model", metrics=root / "metrics.json", history=root / "history.csv",
                        curves=root / "curves.png", checkpoint=root / "ckpt.pt")
-    return feature_extract(variant="feature_extract", split_dir=split_dir, cache_dir=root / "features", fx=fx, head_cfg=HEAD, seed=0,
-                           experiment="t", logged_params={"variant": "feature_extract"}, out=out), out
+    return feature_extract(variant="feature_extract", split_dir=split_dir, augmented_dir=augmented,
+                           cache_dir=root / "features", fx=fx, head_cfg=HEAD, seed=0, experiment="t",
+                           logged_params={"variant": "feature_extract"}, out=out), out
 
 
 def test_features_once_head_trained_model_serves_raw_images(split_dir: Path, tmp_path: Path):
@@ -79,6 +80,42 @@ def test_a_damaged_cache_file_is_recomputed_not_trusted(split_dir: Path, tmp_pat
     assert "test.pt does not match the sha256" in captured.err
     assert captured.out.count("reusing cached") == 2  # train and val reused, test recomputed
     assert torch.load(test_file, weights_only=True)["features"].shape[0] == 20
+
+
+def test_with_augmented_copies_the_head_trains_on_their_cached_features_too(split_dir: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch, capsys):
+    """train_data: data/augmented: the copies' features are computed once, cached beside the
+    split's, and each epoch the head sees one version of every training image (so some copies)."""
+    import cnnlab.stages.feature_extract as stage
+    from cnnlab.config import AugmentParams
+    from cnnlab.data.augment import run_augment
+
+    aug = tmp_path / "aug"
+    run_augment(split_dir, aug, tmp_path / "preview.png", policy_params=AugmentParams(), copies=2, seed=0,
+                preview_images=2)
+    seen = {}
+    real_fit = stage.fit
+
+    def spy(model, train, val, cfg, **kw):
+        seen["train"] = train
+        return real_fit(model, train, val, cfg, **kw)
+
+    monkeypatch.setattr(stage, "fit", spy)
+    result, _ = _run(split_dir, tmp_path / "a", augmented=aug)
+    meta = json.loads((tmp_path / "a/features/meta.json").read_text())
+    assert meta["augmented"]["count"] == 120 and meta["augmented"]["precision"] == "bf16"
+    train = seen["train"]
+    assert train.images.shape == (180, 1280) and train.versions.shape == (60, 3)
+    copies = torch.load(tmp_path / "a/features/augmented.pt", weights_only=True)["features"]
+    assert torch.equal(train.images[60:], copies) and not torch.equal(train.images[:60], copies[::2])
+    capsys.readouterr()
+    _run(split_dir, tmp_path / "a", augmented=aug)  # everything reused, copies included
+    assert capsys.readouterr().out.count("reusing cached") == 4
+    # new pixels under the same file names (another policy): the copies' features are recomputed
+    run_augment(split_dir, aug, tmp_path / "preview.png", policy_params=AugmentParams(rotation=90.0), copies=2,
+                seed=0, preview_images=2)
+    again, _ = _run(split_dir, tmp_path / "a", augmented=aug)
+    assert capsys.readouterr().out.count("reusing cached") == 3 and again["extract_images_per_second"] > 0
 
 
 def test_offline_without_weights_is_a_clear_error(split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -189,6 +189,7 @@ class HeadParams(_LoopParams):
 
 class FeatureExtractParams(_Section):
     backbone: Annotated[str, Field(min_length=1)] = "efficientnet_lite0"
+    train_data: TrainData = "data/split"
     weights: str | None = "default"
     image_size: Annotated[int, Field(ge=16, le=1024)] = 128
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32

@@ -122,7 +122,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int, d
                    channels_last=channels_last).cpu()
 
 
-def evaluate(model: nn.Module, data: TensorSet, *, batch_size: int, device: torch.device,
+def validate(model: nn.Module, data: TensorSet, *, batch_size: int, device: torch.device,
              precision: str = "fp32", channels_last: bool = False) -> dict[str, float]:
     """Plain cross-entropy and exact per-sample accuracy (not a mean of batch means)."""
     logits = _logits(model, data.images, batch_size=batch_size, device=device, precision=precision,
@@ -273,7 +273,7 @@ def fit(
         run.seen += n
         # the training batch size: its activations fit, and on a CPU bigger inference batches
         # fall out of cache and run slower (1.6x for EfficientNet-Lite0 at 128 px, 32 vs 256)
-        metrics = evaluate(model, val, batch_size=cfg.batch_size, device=device,
+        metrics = validate(model, val, batch_size=cfg.batch_size, device=device,
                            precision=rt.precision, channels_last=rt.channels_last)
         lr = opt.param_groups[0]["lr"]
         if sched is not None and sched_when == "epoch":

@@ -10,6 +10,7 @@ re-split, a truncated or edited file) is recomputed or, in `evaluate`, not used,
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import sys
@@ -47,6 +48,17 @@ def trunk_digest(clf: Classifier, *, arch: str, mode: str, image_size: int) -> s
     for name, t in sorted(clf.net.features.state_dict().items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def manifest_digest(manifest: Path) -> str:
+    """Identifies a split's images: the manifest and every image file it lists. The file names
+    alone would vouch for stale features when a stage re-writes the same names with new pixels
+    (another augmentation policy, another split.max_side or color_mode)."""
+    h = hashlib.sha256(manifest.read_bytes())
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            h.update(file_digest(manifest.parent / row["path"]).encode())
     return h.hexdigest()[:24]
 
 

@@ -30,7 +30,7 @@ def run_params(variant: Variant, variants: dict[str, Variant], seed: int) -> dic
     elif variant.kind == "feature_extract":
         out.update(_backbone(s))
         out.update({k: getattr(s.head, k) for k in _LOOP}, label_smoothing=s.head.label_smoothing,
-                   train_data="data/split", extract_batch_size=s.batch_size, precision=s.precision,
+                   train_data=s.train_data, extract_batch_size=s.batch_size, precision=s.precision,
                    device=s.device, channels_last=s.channels_last, tf32=s.tf32)
     else:  # fine_tune: the backbone, input size and head come from the variant it starts from
         start = variants[s.from_].settings

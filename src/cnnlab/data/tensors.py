@@ -68,6 +68,14 @@ def load_split(split_dir: Path, split: str, *, mode: Mode, size: int, limit: int
 
 def load_train(split_dir: Path, augmented_dir: Path | None, *, mode: Mode, size: int) -> TrainSet:
     """The split's training images, plus the augment stage's copies when ``augmented_dir`` is given."""
+    originals, copies, versions = train_versions(split_dir, augmented_dir)
+    data = _load(originals + copies, mode=mode, size=size, desc="load train")
+    return TrainSet(data.images, data.labels, versions)
+
+
+def train_versions(split_dir: Path, augmented_dir: Path | None) -> tuple[list[dict], list[dict], torch.Tensor]:
+    """The training manifest rows (originals, then the augment stage's copies) and the versions
+    matrix of `TrainSet` over them, in that order: row ``i`` lists original ``i`` and its copies."""
     originals = read_manifest(split_dir, "train")
     copies = read_manifest(augmented_dir, "train") if augmented_dir else []
     # POSIX form, as the augment stage writes `source`, so the keys match on every OS.
@@ -91,5 +99,4 @@ def load_train(split_dir: Path, augmented_dir: Path | None, *, mode: Mode, size:
     width = {len(v) for v in per_image}
     if len(width) != 1:
         raise ValueError(f"{augmented_dir}: images have different numbers of augmented copies ({sorted(width)})")
-    data = _load(originals + copies, mode=mode, size=size, desc="load train")
-    return TrainSet(data.images, data.labels, torch.tensor(per_image, dtype=torch.int64))
+    return originals, copies, torch.tensor(per_image, dtype=torch.int64)

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.models.classifier import Classifier, ModelSpec, register_kind
 
 __all__ = [
     "BackboneInfo",
@@ -429,7 +428,8 @@ class BackboneNet(nn.Module):
         return self.head(self.features(self.to_rgb(x)))
 
 
-def _head(feature_dim: int, num_classes: int, dropout: float, hidden: int | None) -> nn.Sequential:
+def make_head(feature_dim: int, num_classes: int, dropout: float, hidden: int | None) -> nn.Sequential:
+    """Dropout + linear, or with ``hidden`` a small MLP: the head on top of pooled features."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # Identity: keys independent of the rate
@@ -438,37 +438,3 @@ def _head(feature_dim: int, num_classes: int, dropout: float, hidden: int | None
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be a positive int or None, got {hidden!r}")
     return nn.Sequential(drop, nn.Linear(feature_dim, hidden), nn.ReLU(), drop, nn.Linear(hidden, num_classes))
-
-
-def backbone_net(spec: ModelSpec, *, weights: str | None) -> BackboneNet:
-    """Inner network for a "backbone" spec. ``spec.kwargs``: dropout (0.0), hidden (None), weights
-    (read only by `build_pretrained_classifier`). RGB specs must normalize like the backbone."""
-    unknown = sorted(set(spec.kwargs) - {"dropout", "hidden", "weights"})
-    if unknown:
-        raise ValueError(f"backbone spec got unknown kwargs {unknown}; accepted: dropout, hidden, weights")
-    features, info = create_backbone(spec.arch, weights=weights)
-    if spec.mode == "RGB" and (
-        len(spec.mean) != 3
-        or any(abs(a - b) > 1e-6 for a, b in zip([*spec.mean, *spec.std], [*info.mean, *info.std]))
-    ):
-        raise ValueError(
-            f"backbone {spec.arch!r} expects mean={list(info.mean)}, std={list(info.std)}; "
-            f"spec has mean={spec.mean}, std={spec.std}"
-        )
-    if spec.mode == "L" and (len(spec.mean) != 1 or len(spec.std) != 1):
-        raise ValueError(f"a grey ('L') spec needs one mean and one std, got {spec.mean}, {spec.std}")
-    head = _head(info.feature_dim, spec.num_classes, float(spec.kwargs.get("dropout", 0.0)), spec.kwargs.get("hidden"))
-    return BackboneNet(features, head, grey=spec.mode == "L")
-
-
-@register_kind("backbone")
-def _build_backbone_kind(spec: ModelSpec) -> nn.Module:
-    # weights=None on purpose: load_classifier overwrites every tensor from weights.pt next.
-    return backbone_net(spec, weights=None)
-
-
-def build_pretrained_classifier(spec: ModelSpec) -> Classifier:
-    """A new "backbone" Classifier whose features start from ``spec.kwargs["weights"]`` ("default")."""
-    if spec.kind != "backbone":
-        raise ValueError(f"expected a spec of kind 'backbone', got {spec.kind!r}")
-    return Classifier(backbone_net(spec, weights=spec.kwargs.get("weights", "default")), spec.mean, spec.std)

@@ -19,12 +19,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+# One way: the classifier builds nets from the zoo and the backbones; neither imports this module.
+from cnnlab.models import backbones, zoo
+
 Builder = Callable[["ModelSpec"], nn.Module]
-_BUILDERS: dict[str, Builder] = {}
 
 
 def register_kind(kind: str) -> Callable[[Builder], Builder]:
-    """Register how to build the inner network for specs of ``kind`` (e.g. "zoo", "backbone")."""
+    """Register how to build the inner network for specs of a new ``kind`` (the built-in ones are
+    "zoo" and "backbone")."""
 
     def deco(fn: Builder) -> Builder:
         _BUILDERS[kind] = fn
@@ -67,8 +70,6 @@ class Classifier(nn.Module):
 
 
 def build_classifier(spec: ModelSpec) -> Classifier:
-    if spec.kind not in _BUILDERS:
-        _import_builtin_kinds()
     try:
         builder = _BUILDERS[spec.kind]
     except KeyError:
@@ -76,9 +77,46 @@ def build_classifier(spec: ModelSpec) -> Classifier:
     return Classifier(builder(spec), spec.mean, spec.std)
 
 
-def _import_builtin_kinds() -> None:
-    import cnnlab.models.backbones  # noqa: F401  (registers "backbone")
-    import cnnlab.models.zoo  # noqa: F401  (registers "zoo")
+def _zoo_net(spec: ModelSpec) -> nn.Module:
+    return zoo.create_model(spec.arch, in_channels=spec.in_channels, num_classes=spec.num_classes,
+                            image_size=spec.image_size, **spec.kwargs)
+
+
+def backbone_net(spec: ModelSpec, *, weights: str | None) -> backbones.BackboneNet:
+    """Inner network for a "backbone" spec. ``spec.kwargs``: dropout (0.0), hidden (None), weights
+    (read only by `build_pretrained_classifier`). RGB specs must normalize like the backbone."""
+    unknown = sorted(set(spec.kwargs) - {"dropout", "hidden", "weights"})
+    if unknown:
+        raise ValueError(f"backbone spec got unknown kwargs {unknown}; accepted: dropout, hidden, weights")
+    features, info = backbones.create_backbone(spec.arch, weights=weights)
+    if spec.mode == "RGB" and (
+        len(spec.mean) != 3
+        or any(abs(a - b) > 1e-6 for a, b in zip([*spec.mean, *spec.std], [*info.mean, *info.std]))
+    ):
+        raise ValueError(
+            f"backbone {spec.arch!r} expects mean={list(info.mean)}, std={list(info.std)}; "
+            f"spec has mean={spec.mean}, std={spec.std}"
+        )
+    if spec.mode == "L" and (len(spec.mean) != 1 or len(spec.std) != 1):
+        raise ValueError(f"a grey ('L') spec needs one mean and one std, got {spec.mean}, {spec.std}")
+    head = backbones.make_head(info.feature_dim, spec.num_classes, float(spec.kwargs.get("dropout", 0.0)),
+                               spec.kwargs.get("hidden"))
+    return backbones.BackboneNet(features, head, grey=spec.mode == "L")
+
+
+def _backbone_kind_net(spec: ModelSpec) -> nn.Module:
+    # weights=None on purpose: load_classifier overwrites every tensor from weights.pt next.
+    return backbone_net(spec, weights=None)
+
+
+def build_pretrained_classifier(spec: ModelSpec) -> Classifier:
+    """A new "backbone" Classifier whose features start from ``spec.kwargs["weights"]`` ("default")."""
+    if spec.kind != "backbone":
+        raise ValueError(f"expected a spec of kind 'backbone', got {spec.kind!r}")
+    return Classifier(backbone_net(spec, weights=spec.kwargs.get("weights", "default")), spec.mean, spec.std)
+
+
+_BUILDERS: dict[str, Builder] = {"zoo": _zoo_net, "backbone": _backbone_kind_net}
 
 
 def save_classifier(model: Classifier, spec: ModelSpec, folder: Path) -> None:

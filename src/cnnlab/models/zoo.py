@@ -17,7 +17,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cnnlab.models.classifier import ModelSpec, register_kind
 
 Builder = Callable[..., nn.Module]
 _MODELS: dict[str, Builder] = {}
@@ -81,17 +80,6 @@ def init_weights(model: nn.Module, scheme: Literal["default", "kaiming"]) -> Non
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
             nn.init.zeros_(m.bias)
-
-
-@register_kind("zoo")
-def _build_zoo(spec: ModelSpec) -> nn.Module:
-    return create_model(
-        spec.arch,
-        in_channels=spec.in_channels,
-        num_classes=spec.num_classes,
-        image_size=spec.image_size,
-        **spec.kwargs,
-    )
 
 
 # ---------------------------------------------------------------------------------------- helpers

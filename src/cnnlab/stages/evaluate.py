@@ -1,6 +1,6 @@
-"""The `evaluate` stage's work: every variant on the test split, their ensemble, McNemar tests,
+"""Stage `evaluate`: every declared variant on the test split, their ensemble, McNemar tests,
 the comparison tables and figures, and the MLflow records. The statistics live in
-`cnnlab.evaluation`, the figures in `cnnlab.report`; this module wires them to files and runs.
+`cnnlab.scoring`, the figures in `cnnlab.figures`; this module wires them to files and runs.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ import torch
 from cnnlab.config import ConfigError
 from cnnlab.data.tensors import TensorSet, load_split, split_classes
 from cnnlab.engine import predict_logits
-from cnnlab.features import FeatureCache, trunk_digest
+from cnnlab.features import FeatureCache, manifest_digest, trunk_digest
 from cnnlab.hardware import Runtime, resolve_runtime
-from cnnlab.evaluation import (ENSEMBLE, VariantResult, best_by_validation, comparison_markdown, comparison_table,
+from cnnlab.scoring import (ENSEMBLE, VariantResult, best_by_validation, comparison_markdown, comparison_table,
                                ensemble_probabilities, mcnemar_markdown, mcnemar_pairs, mcnemar_table, score,
                                softmax)
 from cnnlab.files import atomic_write_text, staged_dir, write_json
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
 from cnnlab.progress import progress
-from cnnlab.report import plot_accuracy, plot_confusion, plot_misclassified
-from cnnlab.tracking import files_digest, tracked_run, tracking_uri
+from cnnlab.figures import plot_accuracy, plot_confusion, plot_misclassified
+from cnnlab.tracking import tracked_run, tracking_uri
 
 
 
@@ -157,7 +157,7 @@ def _cached_logits(v: Variant, split_dir: Path, test: TensorSet, cache: FeatureC
     if cache is None or v.spec.kind != "backbone":
         return None
     record = {"trunk": trunk_digest(v.model, arch=v.spec.arch, mode=v.spec.mode, image_size=v.spec.image_size),
-              "manifest": files_digest(split_dir / "test.csv"), "precision": "fp32"}
+              "manifest": manifest_digest(split_dir / "test.csv"), "precision": "fp32"}
     hit = cache.load("test", record)
     if hit is None or not torch.equal(hit[1], test.labels):
         return None
