@@ -182,6 +182,16 @@ def test_a_bad_variant_entry_is_refused_naming_it(variants: dict, message: str):
         parse_params(variants)
 
 
+def test_an_entry_with_another_arch_does_not_inherit_the_sections_arch_kwargs():
+    p = parse_params({"train": {"arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
+                      **_variants(scratch={"tiny": {}, "lenet": {"arch": "lenet5"},
+                                           "lenet_tanh": {"arch": "lenet5", "arch_kwargs": {"activation": "tanh"}}})})
+    v = p.resolved_variants()
+    assert v["tiny"].settings.arch_kwargs == {"hidden_units": 4}
+    assert v["lenet"].settings.arch_kwargs == {}
+    assert v["lenet_tanh"].settings.arch_kwargs == {"activation": "tanh"}
+
+
 def test_every_bad_entry_is_listed_at_once():
     with pytest.raises(ConfigError) as err:
         parse_params(_variants(scratch={"a": {"archh": 1}, "b": {"lr": -1}}))

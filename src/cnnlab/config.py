@@ -331,6 +331,8 @@ class Params(_Section):
                     continue
                 merged = {**base, **{k: ({**base[k], **v} if k in _NESTED and isinstance(v, dict) else v)
                                      for k, v in entry.items()}}
+                if merged.get("arch") != base.get("arch") and "arch_kwargs" not in entry:
+                    merged["arch_kwargs"] = {}  # the section's builder arguments are its own arch's
                 try:
                     settings = model.model_validate(merged)
                 except ValidationError as exc:
