@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 RUN    := PATH="$(CURDIR)/$(BIN):$$PATH" PYTHONDONTWRITEBYTECODE=
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data-deps repro test test-fast lock clean
+.PHONY: setup data-deps stack-deps stack repro test test-fast lock clean
 
 setup: $(STAMP)
 
@@ -40,10 +40,28 @@ data-deps:
 	    || echo "note: could not install dataset-fashion-mnist; the download stage will try the internet"; \
 	else echo "note: dataset-fashion-mnist not installed (no apt or not root); the download stage will try the internet"; fi
 
+# PostgreSQL's server binaries for `make stack` and the team-stack tests (`python -m cnnlab stack`
+# finds them with pg_config, in /usr/lib/postgresql/*/bin or on PATH): Debian's postgresql, when
+# apt is here and we are root. (Its package scripts may also start a system cluster on port 5432;
+# the stack runs its own, on 15432.)
+PG_FOUND := [ -x "$$(pg_config --bindir 2>/dev/null)/initdb" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	|| command -v initdb >/dev/null
+stack-deps:
+	@if $(PG_FOUND); then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) \
+	    || echo "note: could not install postgresql; make stack needs its server binaries (the team-stack tests skip)"; \
+	else echo "note: PostgreSQL server binaries not found (no apt or not root); make stack needs them (the team-stack tests skip)"; fi
+
+# The team's tracking stack (PostgreSQL, SeaweedFS S3, MLflow with auth) on this machine, on
+# 127.0.0.1; prints the client variables. `python -m cnnlab stack status|env|down`: see cnnlab.stack.
+stack: setup stack-deps
+	$(RUN) $(BIN)/python -m cnnlab stack up
+
 repro: setup data-deps
 	$(RUN) $(BIN)/dvc repro
 
-test: setup data-deps
+test: setup data-deps stack-deps
 	$(RUN) $(BIN)/python -m pytest
 
 test-fast: setup

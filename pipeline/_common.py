@@ -36,6 +36,14 @@ def run(main: Callable[[], None], *expected: type[BaseException]) -> None:
     except (ConfigError, *expected) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except Exception as exc:
+        from cnnlab.store_errors import store_error
+
+        message = store_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 def train_outputs(args: argparse.Namespace) -> TrainOutputs:

@@ -9,6 +9,7 @@ from pathlib import Path
 from _common import parse, run, train_outputs, variant
 
 from cnnlab.config import ConfigError
+from cnnlab.distributed import relaunch
 from cnnlab.stages.fine_tune import FineTuneConfig, fine_tune
 from cnnlab.variants import run_params
 
@@ -20,6 +21,7 @@ def main() -> None:
     p = v.settings
     if Path(args.start_model).name != p.from_:
         raise ConfigError(f"--start-model {args.start_model} is not variants.fine_tune.{v.name}.from ({p.from_})")
+    relaunch(params.distributed.nproc_per_node)  # under torchrun when > 1 (this process becomes it)
     result = fine_tune(
         variant=v.name,
         split_dir=Path(args.split),
@@ -34,6 +36,8 @@ def main() -> None:
         logged_params=run_params(v, params.resolved_variants(), params.base.seed),
         out=train_outputs(args),
     )
+    if not result:  # not rank 0 of several
+        return
     print(json.dumps({k: result[k] for k in ("val_accuracy", "best_epoch", "epochs_run", "train_seconds",
                                              "unfrozen", "run_id", "model_uri")}, indent=2))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from _common import parse, run, train_outputs, variant
 
+from cnnlab.distributed import relaunch
 from cnnlab.stages.train import train_variant
 from cnnlab.variants import run_params
 
@@ -15,6 +16,7 @@ def main() -> None:
     args, params = parse(__doc__, "variant", "split", "augmented", "model", "metrics", "history", "curves",
                          "checkpoint")
     v = variant(params, args.variant, "scratch")
+    relaunch(params.distributed.nproc_per_node)  # under torchrun when > 1 (this process becomes it)
     cfg = v.settings
     split_dir = Path(args.split)
     result = train_variant(
@@ -29,6 +31,8 @@ def main() -> None:
         logged_params=run_params(v, params.resolved_variants(), params.base.seed),
         out=train_outputs(args),
     )
+    if not result:  # not rank 0 of several
+        return
     print(json.dumps({k: result[k] for k in ("val_accuracy", "best_epoch", "epochs_run", "train_seconds",
                                              "run_id", "model_uri")}, indent=2))
 

@@ -1,10 +1,15 @@
-"""Shared fixtures: real image folders and tiny IDX datasets written at test time."""
+"""Shared fixtures: real image folders and tiny IDX datasets written at test time, and a running
+team stack (`team_stack`: PostgreSQL + SeaweedFS + MLflow with auth, `cnnlab.stack`)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import shutil
 import struct
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +86,39 @@ def static_server(tmp_path: Path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextlib.contextmanager
+def stack_folder() -> Iterator[Path]:
+    """A fresh folder for a `cnnlab.stack.Stack` (its ``stack`` child), removed afterwards.
+
+    Not pytest's tmp_path: that is mode 0700, and as root PostgreSQL runs as the ``postgres`` OS
+    user, which must be able to enter every parent of the stack's folder.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="cnnlab-stack-"))
+    folder.chmod(0o755)
+    try:
+        yield folder / "stack"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def team_stack():
+    """A running team stack on free loopback ports (all three ``0``), shared by the session;
+    yields the `cnnlab.stack.Stack` (``client_env()`` for MLflow clients, ``s3`` for the bucket).
+    Always stopped and removed at the end. Skips only when PostgreSQL's server binaries are
+    missing (`make test` installs them: the Makefile's stack-deps)."""
+    from cnnlab.stack import Stack, StackError, find_postgres
+
+    try:
+        find_postgres()
+    except StackError as e:
+        pytest.skip(str(e))
+    with stack_folder() as folder:
+        stack = Stack(folder, ports={"mlflow": 0, "postgres": 0, "s3": 0})
+        try:
+            stack.up()
+            yield stack
+        finally:
+            stack.down()

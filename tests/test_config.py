@@ -60,7 +60,7 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
 
 
 def test_unknown_section():
-    with pytest.raises(ConfigError, match=r"trian: unknown key \(allowed here: base, download"):
+    with pytest.raises(ConfigError, match=r"trian: unknown key \(allowed here: base, distributed, download"):
         parse_params({"trian": {}})
 
 

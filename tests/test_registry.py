@@ -94,6 +94,20 @@ def test_register_is_idempotent_and_moves_the_alias_only_on_change(store: Mlflow
     assert int(after.versions["scratch"]) == 3
 
 
+def test_an_experiment_registers_its_versions_but_leaves_the_alias(store: MlflowClient, tmp_path: Path) -> None:
+    """What `register` does inside a DVC experiment: new versions carry the experiment's tags,
+    versions it reuses keep theirs, and the alias stays where the workspace put it."""
+    scratch, fine_tune = log_variant(tmp_path, "scratch", 0.80), log_variant(tmp_path, "fine_tune", 0.90)
+    base = register_variants(store, "clf", "champion", [scratch])
+    exp = register_variants(store, "clf", "champion", [scratch, fine_tune], promote=False,
+                            tags={"dvc.exp_name": "gusty-kite"})
+    assert exp.champion == "fine_tune" and not exp.promoted and not exp.moved
+    assert store.get_model_version_by_alias("clf", "champion").version == base.versions["scratch"]
+    new = store.get_model_version("clf", exp.versions["fine_tune"])
+    reused = store.get_model_version("clf", exp.versions["scratch"])
+    assert new.tags["dvc.exp_name"] == "gusty-kite" and "dvc.exp_name" not in reused.tags
+
+
 def test_a_run_missing_from_the_store_is_a_clear_error(store: MlflowClient) -> None:
     ghost = Candidate("scratch", "0" * 32, "models:/m-0123", val_accuracy=0.5)
     with pytest.raises(RegistryError, match=r"run 0{32} is not in the tracking store.*train@scratch"):

@@ -16,11 +16,13 @@ import pytest
 from mlflow import MlflowClient
 
 from cnnlab.tracking import (
-    DEFAULT_TRACKING_URI,
     Terminated,
     flatten,
     git_commit,
     params_hash,
+    default_artifact_location,
+    dvc_experiment_tags,
+    project_root,
     tracked_run,
     tracking_uri,
 )
@@ -46,11 +48,54 @@ def client(store: str, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
     return MlflowClient(tracking_uri=store)
 
 
-def test_tracking_uri_env_wins_else_mlflow_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+def test_tracking_uri_env_wins_else_the_project_roots_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    (repo / "pipeline" / "deep").mkdir(parents=True)
+    # Anywhere inside a DVC repo: its root, as an absolute path.
+    monkeypatch.chdir(repo / "pipeline" / "deep")
+    assert project_root() == repo.resolve()
+    assert tracking_uri() == f"sqlite:///{repo.resolve()}/mlflow.db"
+    assert default_artifact_location("cnnlab") == str(repo.resolve() / "mlruns" / "cnnlab")
+    assert default_artifact_location("my exp/1") == str(repo.resolve() / "mlruns" / "my_exp_1")
+    # Outside any repo: the cwd, as MLflow itself would.
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    # A queued DVC experiment runs in a copy (with its own .dvc/) and DVC_ROOT names the origin.
+    copy = repo / ".dvc" / "tmp" / "exps" / "tmp123"
+    (copy / ".dvc").mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    assert tracking_uri() == f"sqlite:///{repo.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
     assert tracking_uri() == "sqlite:////elsewhere/x.db"
+    assert default_artifact_location("cnnlab") is None  # that store's own defaults apply
+
+
+def test_runs_of_a_queued_experiment_land_in_the_origin_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's store and its artifacts are the origin's, whatever the cwd, and it carries the
+    DVC experiment's name."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    repo = tmp_path / "repo"
+    copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc"
+    (copy / ".dvc").mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.setenv("DVC_EXP_NAME", "gusty-kite")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    assert dvc_experiment_tags() == {"dvc.exp_name": "gusty-kite", "dvc.exp_baseline_rev": "a" * 40}
+    (copy / "note.txt").write_text("hi")
+    with tracked_run(experiment="queued", run_name="r", tags={}, params={"seed": 1}) as run:
+        mlflow.log_artifact(str(copy / "note.txt"))
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    got = client.get_run(run.info.run_id)
+    assert got.data.tags["dvc.exp_name"] == "gusty-kite"
+    assert got.info.artifact_uri.startswith(str(repo / "mlruns" / "queued"))
+    assert (repo / "mlruns" / "queued" / run.info.run_id / "artifacts" / "note.txt").read_text() == "hi"
+    assert not (copy / "mlflow.db").exists() and not (copy / "mlruns").exists()
 
 
 def test_flatten_nested_lists_and_none() -> None:

@@ -36,6 +36,10 @@ class BaseParams(_Section):
     experiment: Annotated[str, Field(min_length=1)] = "cnnlab"
 
 
+class DistributedParams(_Section):
+    nproc_per_node: Annotated[int, Field(ge=1, le=1024)] = 1
+
+
 class DownloadParams(_Section):
     source: Literal["fashion_mnist", "url", "local"] = "fashion_mnist"
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
@@ -293,6 +297,7 @@ class VariantsParams(_Section):
 
 class Params(_Section):
     base: BaseParams = BaseParams()
+    distributed: DistributedParams = DistributedParams()
     download: DownloadParams = DownloadParams()
     split: SplitParams = SplitParams()
     augment: AugmentParams = AugmentParams()

@@ -4,7 +4,9 @@ Read top to bottom: `fit` builds the optimizer, scheduler and loss, then for eac
 seeded batch order, trains, evaluates on validation, keeps the best weights, checkpoints, and
 stops early when validation stops improving. A killed run restarts from its last checkpoint
 and ends bit-for-bit where an uninterrupted run would: batch order depends only on
-(seed, epoch), and the checkpoint holds every other piece of state, RNG included.
+(seed, epoch), and the checkpoint holds every other piece of state, RNG included. Under torchrun
+each rank trains on its shard of every batch (`cnnlab.distributed`); rank 0 validates, decides
+and checkpoints for all.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet
+from cnnlab.distributed import SINGLE, World, all_sum, average_buffers, barrier, from_main, shard, wrap
 from cnnlab.hardware import Runtime, resolve_runtime
 from cnnlab.progress import progress
 
@@ -219,6 +222,7 @@ def fit(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     param_groups: list[dict] | None = None,
     before_epoch: Callable[[int, nn.Module], None] | None = None,
+    world: World = SINGLE,
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best weights by validation accuracy.
 
@@ -228,6 +232,8 @@ def fit(
     the fly. ``param_groups`` (optimizer groups with their own "lr") give discriminative learning
     rates; ``before_epoch(epoch, model)`` runs after ``model.train()``, e.g. to unfreeze blocks or
     keep frozen BatchNorm layers in eval mode. It must depend on the epoch alone, so resuming works.
+    ``world``: this process's rank among torchrun's (`cnnlab.distributed.init`); ``cfg.batch_size``
+    is per rank, and only rank 0 calls ``on_epoch``, prints and writes the checkpoint.
     """
     rt = runtime or resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last,
                                     tf32=cfg.tf32)
@@ -239,7 +245,7 @@ def fit(
         train = resident(train, device)
     val = resident(val, device)
     n = len(train.versions)
-    steps = math.ceil(n / cfg.batch_size)
+    steps = math.ceil(math.ceil(n / world.size) / cfg.batch_size)  # per rank = the global count
     originals = train.labels[train.versions[:, 0]].cpu()
     weight = balanced_class_weights(originals, int(originals.max()) + 1) if cfg.class_weights == "balanced" else None
     criterion = make_criterion(cfg, weight).to(device)
@@ -253,8 +259,11 @@ def fit(
     if state is not None:
         run = _restore(state, model, opt, sched, scaler, device)
         extra = {**(extra or {}), **state.get("extra", {})}
-        print(f"resuming from {checkpoint} after epoch {run.epoch}", file=sys.stderr)
+        if world.main:
+            print(f"resuming from {checkpoint} after epoch {run.epoch}", file=sys.stderr)
     resumed_from = run.epoch
+    # After restoring: DDP copies rank 0's weights to the others. before_epoch may freeze blocks.
+    net = wrap(model, world, device, some_frozen=before_epoch is not None)
 
     stopped_early = False
     for epoch in range(run.epoch + 1, cfg.epochs + 1):
@@ -265,25 +274,28 @@ def fit(
         if before_epoch is not None:
             before_epoch(epoch, model)
         t0 = time.perf_counter()
-        loss_sum, correct = _train_epoch(model, train, cfg, rt, criterion, opt, scaler,
-                                         sched if sched_when == "batch" else None, seed=seed, epoch=epoch,
-                                         augment=augment)
+        loss_sum, correct, count = _train_epoch(net, train, cfg, rt, criterion, opt, scaler,
+                                                sched if sched_when == "batch" else None, seed=seed,
+                                                epoch=epoch, augment=augment, world=world)
+        average_buffers(model, world)
         epoch_seconds = time.perf_counter() - t0
         run.train_seconds += epoch_seconds
         run.seen += n
         # the training batch size: its activations fit, and on a CPU bigger inference batches
         # fall out of cache and run slower (1.6x for EfficientNet-Lite0 at 128 px, 32 vs 256)
-        metrics = validate(model, val, batch_size=cfg.batch_size, device=device,
-                           precision=rt.precision, channels_last=rt.channels_last)
+        metrics = from_main(validate(model, val, batch_size=cfg.batch_size, device=device, precision=rt.precision,
+                                     channels_last=rt.channels_last) if world.main else None, world)
         lr = opt.param_groups[0]["lr"]
         if sched is not None and sched_when == "epoch":
             sched.step()
         elif sched is not None and sched_when == "val_loss":
             sched.step(metrics["loss"])
-        row = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n,
+        row = {"epoch": epoch, "train_loss": loss_sum / count, "train_accuracy": correct / count,
                "val_loss": metrics["loss"], "val_accuracy": metrics["accuracy"], "lr": lr,
                "epoch_seconds": epoch_seconds}
         improved = _record(run, row, model)
+        if not world.main:
+            continue
         print(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
               f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}"
               f"{' *' if improved else ''}", file=sys.stderr)
@@ -291,6 +303,7 @@ def fit(
             on_epoch(row)
         if checkpoint is not None:
             _save_checkpoint(checkpoint, fingerprint, run, model, opt, sched, scaler, device, extra)
+    barrier(world)  # the other ranks wait for rank 0's last checkpoint
 
     model.load_state_dict(run.best_state)
     return FitResult(
@@ -303,23 +316,24 @@ def fit(
 
 def _train_epoch(model: nn.Module, train: TrainSet, cfg: TrainParams, rt: Runtime, criterion: nn.Module,
                  opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, batch_sched, *, seed: int,
-                 epoch: int, augment: Augment | None) -> tuple[float, int]:
-    """One pass over the training set in a seeded order; returns (summed loss, correct count).
+                 epoch: int, augment: Augment | None, world: World = SINGLE) -> tuple[float, int, int]:
+    """One pass over the training set in a seeded order (this rank's shard of it); returns the
+    summed loss, the correct count and the number of images, over all ranks.
 
     The sums stay on the device and are read once at the end: a per-batch ``.item()`` would wait
     for the GPU after every batch.
     """
     device, n = rt.device, len(train.versions)
-    steps = math.ceil(n / cfg.batch_size)
     gen = epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=gen)
     pick = torch.randint(0, train.versions.shape[1], (n,), generator=gen)
-    rows = train.versions.cpu()[order, pick[order]].to(train.images.device)
+    rows = shard(train.versions.cpu()[order, pick[order]], world).to(train.images.device)
+    steps = math.ceil(len(rows) / cfg.batch_size)
     # float64 like the Python floats these sums once were; Metal has no float64
     loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     opt.zero_grad(set_to_none=True)
-    for b in progress(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch"):
+    for b in progress(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not world.main):
         idx = rows[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         x, y = train.images[idx], train.labels[idx]
         if augment is not None:
@@ -345,7 +359,9 @@ def _train_epoch(model: nn.Module, train: TrainSet, cfg: TrainParams, rt: Runtim
                 batch_sched.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
-    return loss_sum.item(), int(correct.item())
+    # gloo reduces float64 and int64 as well as nccl does
+    all_sum(loss_sum, world), all_sum(correct, world)
+    return loss_sum.item(), int(correct.item()), len(rows) * world.size
 
 
 def _record(run: _Progress, row: dict[str, float], model: nn.Module) -> bool:

@@ -44,10 +44,11 @@ class RegistryResult:
     champion_version: str
     previous_version: str | None  # where the alias pointed before this run
     created: tuple[str, ...]  # variants that got a new version in this run
+    promoted: bool = True  # False: the alias was left where it was (a DVC experiment)
 
     @property
     def moved(self) -> bool:
-        return self.previous_version != self.champion_version
+        return self.promoted and self.previous_version != self.champion_version
 
 
 def read_candidate(variant: str, model_dir: Path, test_metrics: dict | None, stage: str = "") -> Candidate:
@@ -75,34 +76,36 @@ def choose_champion(candidates: Sequence[Candidate]) -> Candidate:
     return max(candidates, key=lambda c: (c.val_accuracy, -candidates.index(c)))
 
 
-def register_variants(client: MlflowClient, model_name: str, alias: str,
-                      candidates: Sequence[Candidate]) -> RegistryResult:
+def register_variants(client: MlflowClient, model_name: str, alias: str, candidates: Sequence[Candidate],
+                      *, promote: bool = True, tags: dict[str, str] | None = None) -> RegistryResult:
     """Register each candidate (reusing existing versions), tag them, and point ``alias`` at the
-    champion's version."""
+    champion's version unless ``promote`` is False. ``tags`` go on the versions this call creates
+    (e.g. the DVC experiment that trained them), not on reused ones."""
     _ensure_registered_model(client, model_name)
     versions: dict[str, str] = {}
     created: list[str] = []
     for cand in candidates:
         mv = _existing_version(client, model_name, cand)
         if mv is None:
-            mv = _create_version(client, model_name, cand)
+            mv = _create_version(client, model_name, cand, tags or {})
             created.append(cand.variant)
         versions[cand.variant] = mv.version
-        tags = {"variant": cand.variant, "val_accuracy": f"{cand.val_accuracy:.4f}"}
+        version_tags = {"variant": cand.variant, "val_accuracy": f"{cand.val_accuracy:.4f}"}
         if cand.test_accuracy is not None:
-            tags["test_accuracy"] = f"{cand.test_accuracy:.4f}"
-        for key, value in tags.items():
+            version_tags["test_accuracy"] = f"{cand.test_accuracy:.4f}"
+        for key, value in version_tags.items():
             if mv.tags.get(key) != value:
                 client.set_model_version_tag(model_name, mv.version, key, value)
 
     champion = choose_champion(candidates)
     previous = _alias_version(client, model_name, alias)
-    if previous != versions[champion.variant]:
-        client.set_registered_model_alias(model_name, alias, versions[champion.variant])
-    client.set_registered_model_tag(model_name, f"{alias}_chosen_by", "val_accuracy")
+    if promote:
+        if previous != versions[champion.variant]:
+            client.set_registered_model_alias(model_name, alias, versions[champion.variant])
+        client.set_registered_model_tag(model_name, f"{alias}_chosen_by", "val_accuracy")
     return RegistryResult(model_name=model_name, alias=alias, versions=versions, champion=champion.variant,
                           champion_version=versions[champion.variant], previous_version=previous,
-                          created=tuple(created))
+                          created=tuple(created), promoted=promote)
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -123,7 +126,7 @@ def _existing_version(client: MlflowClient, name: str, cand: Candidate) -> Model
     return None
 
 
-def _create_version(client: MlflowClient, name: str, cand: Candidate) -> ModelVersion:
+def _create_version(client: MlflowClient, name: str, cand: Candidate, tags: dict[str, str]) -> ModelVersion:
     try:
         client.get_run(cand.run_id)
     except MlflowException:
@@ -133,7 +136,7 @@ def _create_version(client: MlflowClient, name: str, cand: Candidate) -> ModelVe
             f"(`dvc repro --force {_stage(cand.variant)}`)") from None
     model_id = cand.model_uri.removeprefix("models:/") if cand.model_uri.startswith("models:/m-") else None
     return client.create_model_version(name, source=cand.model_uri, run_id=cand.run_id,
-                                       tags={"variant": cand.variant}, model_id=model_id)
+                                       tags={**tags, "variant": cand.variant}, model_id=model_id)
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:

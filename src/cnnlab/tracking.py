@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -23,7 +24,8 @@ import mlflow
 from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; relative to the cwd
+DEFAULT_STORE = "mlflow.db"  # MLflow 3's own default store, but at the project root, not the cwd
+DEFAULT_ARTIFACTS = "mlruns"
 
 # MLflow's limits (mlflow.utils.validation): 100 params per batch, 6000 chars per value.
 _PARAMS_PER_BATCH = 100
@@ -44,8 +46,60 @@ class Terminated(SystemExit):
 
 
 def tracking_uri() -> str:
-    """The store every stage writes to; the env var lets CI and tests point elsewhere."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The store every stage writes to: ``MLFLOW_TRACKING_URI`` (a team server, CI, tests), else
+    `default_tracking_uri`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def default_tracking_uri() -> str:
+    """``sqlite:///<project root>/mlflow.db``, an absolute path whatever the working directory."""
+    return f"sqlite:///{project_root() / DEFAULT_STORE}"
+
+
+def project_root() -> Path:
+    """The repository a run belongs to: ``DVC_ROOT``, else the nearest folder up from the cwd that
+    holds ``.dvc/``, else the cwd.
+
+    DVC sets ``DVC_ROOT`` for every stage command, and for an experiment run in a temporary copy
+    (`dvc exp run --queue` / ``--temp``, under ``.dvc/tmp/exps/``) sets it to the repository the
+    experiment was queued from. A store relative to the cwd would be a new, empty one inside that
+    copy, deleted with it, and `register` would find none of the experiment's runs.
+    """
+    if root := os.environ.get("DVC_ROOT"):
+        return Path(root).resolve()
+    cwd = Path.cwd().resolve()
+    return next((d for d in (cwd, *cwd.parents) if (d / ".dvc").is_dir()), cwd)
+
+
+def default_artifact_location(experiment: str) -> str | None:
+    """Where a new experiment of the default store keeps its artifacts: ``<project root>/mlruns/
+    <experiment>``; None for a store named by ``MLFLOW_TRACKING_URI`` (its own defaults apply).
+
+    MLflow's own default, ``./mlruns``, is resolved against the cwd of the process that creates the
+    experiment: a queued DVC experiment's temporary copy, if that creates it first.
+    """
+    # Compared, not "is the variable set": mlflow.set_tracking_uri sets it for subprocesses.
+    if tracking_uri() != default_tracking_uri():
+        return None
+    return str(project_root() / DEFAULT_ARTIFACTS / re.sub(r"[^A-Za-z0-9._-]", "_", experiment))
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """Tags that match a run with its DVC experiment (`dvc exp show` lists the same name), when
+    the run is part of one: DVC sets these variables for `dvc exp run`, not for `dvc repro`."""
+    names = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
+
+
+def _experiment_id(name: str) -> str:
+    location = default_artifact_location(name)
+    if location is not None and mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException as e:  # two queued experiments' stages can race to create it
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    return mlflow.set_experiment(name).experiment_id
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -118,7 +172,7 @@ def tracked_run(
     """
     mlflow.set_tracking_uri(tracking_uri())
     flat = {k: _truncate(v) for k, v in flatten(params).items()}
-    all_tags = {**tags, "params_hash": params_hash(params)}
+    all_tags = {**tags, **dvc_experiment_tags(), "params_hash": params_hash(params)}
     commit = git_commit()
     if commit is not None:  # absent rather than a fake value: "unknown" would look like a commit
         all_tags["git_commit"] = commit
@@ -139,7 +193,7 @@ def tracked_run(
                 active = mlflow.start_run(run_id=previous.info.run_id)
                 logged = previous.data.params
             else:
-                experiment_id = mlflow.set_experiment(experiment).experiment_id
+                experiment_id = _experiment_id(experiment)
                 active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
                 logged = {}
             mlflow.set_tags(all_tags)

@@ -37,7 +37,6 @@ __all__ = [
     "BackboneNet",
     "GreyToRGB",
     "WeightsUnavailableError",
-    "build_pretrained_classifier",
     "create_backbone",
     "imagenet_model",
     "list_backbones",

@@ -11,7 +11,8 @@ overwritten by small batches of a different domain.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import mlflow
 import torch
 from torch import nn
 
+from cnnlab import distributed
 from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train
 from cnnlab.engine import fit, load_checkpoint
@@ -83,10 +85,15 @@ def fine_tune(
     *, variant: str, split_dir: Path, augmented_dir: Path | None, start_model: Path, ft: FineTuneConfig, cfg: TrainParams,
     seed: int, experiment: str, logged_params: dict[str, Any], out: TrainOutputs,
 ) -> dict[str, Any]:
-    """Unfreeze the top blocks of a feature_extract model (``start_model``) and train; one MLflow run."""
+    """Unfreeze the top blocks of a feature_extract model (``start_model``) and train; one MLflow run.
+    Under torchrun rank 0 alone opens the run and writes the outputs (the others return {})."""
     rt = resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, tf32=cfg.tf32)
-    print(f"fine_tune@{variant}: {rt.describe()}", file=sys.stderr)
-    logged_params = {**logged_params, **rt.params()}
+    world, device = distributed.init(rt.device)
+    rt = replace(rt, device=device)
+    if world.main:
+        ranks = f", {world.size} processes (batch {cfg.batch_size} each)" if world.active else ""
+        print(f"fine_tune@{variant}: {rt.describe()}{ranks}", file=sys.stderr)
+    logged_params = {**logged_params, **rt.params(), "world_size": world.size}
     torch.manual_seed(seed)
     clf, spec = load_classifier(start_model)
     if spec.kind != "backbone":
@@ -103,11 +110,12 @@ def fine_tune(
     why_not = (prefix_cacheable(clf, frozen, val.images[:8], rt=rt, images=len(train) + len(val))
                if ft.cache_frozen else "cache_frozen is off")
     if why_not is None:
-        print(f"fine_tune: {', '.join(frozen)} stay frozen all run; their output is computed once per image",
-              file=sys.stderr)
+        if world.main:
+            print(f"fine_tune: {', '.join(frozen)} stay frozen all run; their output is computed once per image",
+                  file=sys.stderr)
         train = TrainSet(prefix_outputs(clf, frozen[-1], train.images, rt=rt), train.labels, train.versions)
         val = TensorSet(prefix_outputs(clf, frozen[-1], val.images, rt=rt), val.labels)
-    elif frozen:
+    elif frozen and world.main:
         print(f"fine_tune: the frozen blocks run every epoch ({why_not})", file=sys.stderr)
 
     manifests = [split_dir / "train.csv", split_dir / "val.csv", start_model / "weights.pt"]
@@ -116,18 +124,22 @@ def fine_tune(
     fingerprint = params_hash({"params": logged_params, "data": files_digest(*manifests), "runtime": rt.key,
                                "from_prefix": why_not is None})
     previous = load_checkpoint(out.checkpoint, fingerprint)
-    with tracked_run(experiment=experiment, run_name=variant,
-                     tags={"variant": variant, "kind": "fine_tune", "stage": f"fine_tune@{variant}", **rt.tags()},
-                     params=logged_params, run_id=previous["extra"].get("run_id") if previous else None) as run:
+    tracking = tracked_run(experiment=experiment, run_name=variant, params=logged_params,
+                           tags={"variant": variant, "kind": "fine_tune", "stage": f"fine_tune@{variant}", **rt.tags()},
+                           run_id=previous["extra"].get("run_id") if previous else None)
+    with tracking if world.main else nullcontext() as run:
         with swap_prefix(clf, frozen if why_not is None else []):
             result = fit(
                 FromPrefix(clf) if why_not is None else clf, train, val, cfg, seed=seed, runtime=rt,
-                checkpoint=out.checkpoint, fingerprint=fingerprint, extra={"run_id": run.info.run_id},
+                checkpoint=out.checkpoint, fingerprint=fingerprint, extra={"run_id": run.info.run_id} if run else None,
                 param_groups=param_groups(clf, top, lr=cfg.lr, decay=ft.block_lr_decay),
-                before_epoch=make_before_epoch(top, ft.unfreeze_every, ft.train_bn),
-                on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
-                                                        step=int(row["epoch"])),
+                before_epoch=make_before_epoch(top, ft.unfreeze_every, ft.train_bn), world=world,
+                on_epoch=(lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                                                         step=int(row["epoch"]))) if run else None,
             )
+        if run is None:  # a rank other than 0: rank 0 writes everything
+            distributed.close(world)
+            return {}
         # The trained modules live inside clf and the frozen ones are back: clf is the whole model.
         for p in clf.parameters():
             p.requires_grad_(True)
@@ -135,4 +147,5 @@ def fine_tune(
             run, variant=variant, model=clf, spec=spec, result=result, out=out, split_dir=split_dir,
             experiment=experiment, title=f"{variant}: {spec.arch}, top {ft.unfreeze_blocks} blocks")
     out.checkpoint.unlink(missing_ok=True)
+    distributed.close(world)
     return {**metrics, **timing, **run_info, "unfrozen": top}

@@ -1,5 +1,11 @@
 """Stage `register`: every declared variant becomes a version of one registered model, and the
-alias (`champion`) goes to the best validation accuracy (`cnnlab.registry` does the MLflow part)."""
+alias (`champion`) goes to the best validation accuracy (`cnnlab.registry` does the MLflow part).
+
+Inside a DVC experiment (`dvc exp run`, queued or not) the versions are registered and tagged with
+the experiment's name, but the alias stays where it is: a sweep's experiments finish in any order,
+and the last one would otherwise decide what `models:/...@champion` serves. Promote one with
+`dvc exp apply <name>` then `dvc repro -f -s register`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import mlflow
 
 from cnnlab.files import write_json
 from cnnlab.registry import RegistryResult, read_candidate, register_variants
-from cnnlab.tracking import tracking_uri
+from cnnlab.tracking import dvc_experiment_tags, tracking_uri
 
 
 def register(models_dir: Path, test_metrics: Path, out: Path, *, stages: dict[str, str], model_name: str,
@@ -21,33 +27,46 @@ def register(models_dir: Path, test_metrics: Path, out: Path, *, stages: dict[st
     test = json.loads(test_metrics.read_text()) if test_metrics.exists() else None
     candidates = [read_candidate(name, models_dir / name, test, stage) for name, stage in stages.items()]
     mlflow.set_tracking_uri(tracking_uri())
-    result = register_variants(mlflow.MlflowClient(), model_name, alias, candidates)
+    tags = dvc_experiment_tags()
+    experiment = tags.get("dvc.exp_name")
+    result = register_variants(mlflow.MlflowClient(), model_name, alias, candidates,
+                               promote=experiment is None, tags=tags)
     write_json(out, {
         "model_name": result.model_name,
-        "alias": result.alias,
+        "alias": result.alias if result.promoted else None,
+        **({"dvc_experiment": experiment} if experiment else {}),
         "champion": result.champion,
         "champion_version": result.champion_version,
         "chosen_by": "val_accuracy",
         "versions": result.versions,
-        "model_uri": f"models:/{result.model_name}@{result.alias}",
+        "model_uri": _model_uri(result),
     })
-    return _summary(result, candidates)
+    return _summary(result, candidates, experiment)
 
 
-def _summary(result: RegistryResult, candidates: list) -> str:
+def _model_uri(result: RegistryResult) -> str:
+    if result.promoted:
+        return f"models:/{result.model_name}@{result.alias}"
+    return f"models:/{result.model_name}/{result.champion_version}"
+
+
+def _summary(result: RegistryResult, candidates: list, experiment: str | None) -> str:
     lines = []
     for c in candidates:
-        mark = "  <- " + result.alias if c.variant == result.champion else ""
+        mark = ("  <- " + result.alias if result.promoted else "  <- best") if c.variant == result.champion else ""
         test_acc = "   n/a" if c.test_accuracy is None else f"{c.test_accuracy:.4f}"
         lines.append(f"  v{result.versions[c.variant]:>3}  {c.variant:<16} val {c.val_accuracy:.4f}  "
                      f"test {test_acc}{mark}")
     if result.created:
         lines.append(f"new versions for: {', '.join(result.created)}")
-    if result.moved:
+    if not result.promoted:
+        lines.append(f"alias {result.alias!r} not moved: this is DVC experiment {experiment!r}; to promote "
+                     f"its champion ({result.champion}, version {result.champion_version}): "
+                     f"dvc exp apply {experiment} && dvc repro -f -s register")
+    elif result.moved:
         was = f" (was version {result.previous_version})" if result.previous_version else ""
         lines.append(f"alias {result.alias!r} -> version {result.champion_version} ({result.champion}){was}")
     else:
         lines.append(f"alias {result.alias!r} unchanged: version {result.champion_version} ({result.champion})")
-    lines.append(f'serve it: mlflow models serve -m "models:/{result.model_name}@{result.alias}" '
-                 "--env-manager local -p 5001")
+    lines.append(f'serve it: mlflow models serve -m "{_model_uri(result)}" --env-manager local -p 5001')
     return "\n".join(lines) + "\n"

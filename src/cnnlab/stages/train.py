@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from contextlib import nullcontext
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import mlflow
 import torch
 
 from cnnlab.config import AugmentParams, TrainParams
+from cnnlab import distributed
 from cnnlab.data.tensors import load_split, load_train, split_classes, split_mode
 from cnnlab.engine import fit, load_checkpoint
 from cnnlab.hardware import resolve_runtime
@@ -40,10 +42,17 @@ def train_variant(
     logged_params: dict[str, Any],
     out: TrainOutputs,
 ) -> dict[str, Any]:
-    """Train one variant end to end; returns its metrics (also written to ``out.metrics``)."""
+    """Train one variant end to end; returns its metrics (also written to ``out.metrics``).
+
+    Under torchrun every rank trains (`cnnlab.distributed`) and rank 0 alone opens the MLflow run
+    and writes the outputs; the other ranks return an empty dict."""
     rt = resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, tf32=cfg.tf32)
-    print(f"train@{variant}: {rt.describe()}", file=sys.stderr)
-    logged_params = {**logged_params, **rt.params()}
+    world, device = distributed.init(rt.device)
+    rt = replace(rt, device=device)
+    if world.main:
+        ranks = f", {world.size} processes (batch {cfg.batch_size} each)" if world.active else ""
+        print(f"train@{variant}: {rt.describe()}{ranks}", file=sys.stderr)
+    logged_params = {**logged_params, **rt.params(), "world_size": world.size}
     torch.manual_seed(seed)
     mode, classes = split_mode(split_dir), split_classes(split_dir)
     train = load_train(split_dir, None if on_the_fly else augmented_dir, mode=mode, size=cfg.image_size)
@@ -67,17 +76,21 @@ def train_variant(
     previous = load_checkpoint(out.checkpoint, fingerprint)
     resume_run = previous["extra"].get("run_id") if previous else None
 
-    with tracked_run(experiment=experiment, run_name=variant,
-                     tags={"variant": variant, "kind": "scratch", "stage": f"train@{variant}", **rt.tags()},
-                     params=logged_params, run_id=resume_run) as run:
+    tracking = tracked_run(experiment=experiment, run_name=variant, params=logged_params, run_id=resume_run,
+                           tags={"variant": variant, "kind": "scratch", "stage": f"train@{variant}", **rt.tags()})
+    with tracking if world.main else nullcontext() as run:
         result = fit(
             model, train, val, cfg, seed=seed, runtime=rt, checkpoint=out.checkpoint, fingerprint=fingerprint,
-            extra={"run_id": run.info.run_id}, augment=augment,
-            on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
-                                                    step=int(row["epoch"])),
+            extra={"run_id": run.info.run_id} if run else None, augment=augment, world=world,
+            on_epoch=(lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
+                                                     step=int(row["epoch"]))) if run else None,
         )
+        if run is None:  # a rank other than 0: rank 0 writes everything
+            distributed.close(world)
+            return {}
         metrics, timing, run_info = record_variant(
             run, variant=variant, model=model, spec=spec, result=result, out=out, split_dir=split_dir,
             experiment=experiment, title=f"{variant}: {cfg.arch}, dropout {dropout:g}")
     out.checkpoint.unlink(missing_ok=True)
+    distributed.close(world)
     return {**metrics, **timing, **run_info, "spec": asdict(spec)}
