@@ -260,3 +260,21 @@ def test_dvc_remote_pushes_to_the_bucket(team_stack: Stack, tmp_path: Path) -> N
     bodies = [s3_client(team_stack).get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
               for o in listed.get("Contents", [])]
     assert b"tracked by dvc\n" in bodies
+
+
+def test_dvc_remote_takes_keys_that_look_like_options(tmp_path: Path) -> None:
+    """A generated key may start with "-" (found by bench/team_stack.py: dvc read
+    `-Z6w...` as an unknown option); it must still land in config.local as it is."""
+    import json
+
+    folder = tmp_path / "stack"
+    folder.mkdir()
+    (folder / "stack.json").write_text(json.dumps({
+        "ports": {"mlflow": 5000, "postgres": 15432, "s3": 8333},
+        "secrets": {"s3_access_key": "-CNNLABKEY", "s3_secret_key": "-Z6wPyoO6Jap-secret"}}))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"], cwd=repo, check=True)
+    Stack(folder).configure_dvc_remote(repo=repo)
+    local = (repo / ".dvc" / "config.local").read_text()
+    assert "access_key_id = -CNNLABKEY" in local and "secret_access_key = -Z6wPyoO6Jap-secret" in local

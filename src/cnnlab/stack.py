@@ -598,8 +598,9 @@ class Stack:
         s3 = self.s3
         for args in (["remote", "add", "-d", "-f", name, f"s3://{BUCKET}/dvc"],
                      ["remote", "modify", name, "endpointurl", s3.endpoint],
-                     ["remote", "modify", "--local", name, "access_key_id", s3.access_key],
-                     ["remote", "modify", "--local", name, "secret_access_key", s3.secret_key]):
+                     # "--": a generated key may start with "-", which dvc would read as an option
+                     ["remote", "modify", "--local", name, "access_key_id", "--", s3.access_key],
+                     ["remote", "modify", "--local", name, "secret_access_key", "--", s3.secret_key]):
             out = subprocess.run([_tool("dvc"), *args], cwd=repo, capture_output=True, text=True)
             if out.returncode != 0:
                 shown = " ".join(args[:-1] if "--local" in args else args)  # never the key itself
@@ -648,4 +649,5 @@ class Stack:
 def _secret(key: str) -> str:
     if key == "s3_access_key":
         return "CNNLAB" + secrets.token_hex(7).upper()  # AWS-like: 20 characters, A-Z 0-9
-    return secrets.token_urlsafe(32)  # URL-, shell- and ini-safe: [A-Za-z0-9_-]
+    # URL-, shell- and ini-safe ([A-Za-z0-9_-]); the letter first, so no tool reads it as an option
+    return "s" + secrets.token_urlsafe(32)
