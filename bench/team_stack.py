@@ -85,7 +85,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="cnnlab-bench-stack-"))
     root.chmod(0o755)  # as root, PostgreSQL runs as `postgres`, which must enter the folder
     stack = Stack(root / "stack", ports={"mlflow": 0, "postgres": 0, "s3": 0}, say=lambda _: None)
-    rows: list[tuple[str, str]] = []
+    rows = Rows()
     try:
         t0 = time.perf_counter()
         stack.up()
@@ -100,6 +100,8 @@ def main() -> None:
         seconds = run(server, BIN / "dvc", "repro", env=stack.client_env())
         rows.append(("dvc repro, the stack's MLflow server (auth, artifacts via the proxy)", f"{seconds:.0f} s"))
         stack.configure_dvc_remote(repo=server)
+        run(server, "git", "add", "-A")  # dvc.lock and the remote: what a teammate's clone gets
+        run(server, "git", "commit", "-q", "-m", "run")
         files = sum(1 for p in (server / ".dvc/cache").rglob("*") if p.is_file())
         rows.append((f"dvc push ({files} cached files)", f"{run(server, BIN / 'dvc', 'push'):.1f} s"))
         clone = root / "clone"
@@ -109,10 +111,21 @@ def main() -> None:
     finally:
         stack.down()
         shutil.rmtree(root, ignore_errors=True)
-    width = max(len(k) for k, _ in rows)
-    print(f"\n{'measure':<{width}}  value\n{'-' * width}  -----")
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    rows.print()
+
+
+class Rows(list):
+    """The table, each row also printed (to stderr) as soon as it is measured."""
+
+    def append(self, row: tuple[str, str]) -> None:
+        print(f"{row[0]}: {row[1]}", file=sys.stderr, flush=True)
+        super().append(row)
+
+    def print(self) -> None:
+        width = max(len(k) for k, _ in self)
+        print(f"\n{'measure':<{width}}  value\n{'-' * width}  -----")
+        for key, value in self:
+            print(f"{key:<{width}}  {value}")
 
 
 if __name__ == "__main__":
