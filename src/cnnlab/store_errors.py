@@ -26,8 +26,8 @@ def store_error(exc: BaseException) -> str | None:
                 "cnnlab stack env)\").")
     if exc.error_code == "PERMISSION_DENIED":
         return (f"the MLflow server {uri} denied user {user!r} (403): {_first_line(exc.message)}. Ask its "
-                "admin for EDIT permission on the experiment and MANAGE on the registered model, or use "
-                "an account that has them.")
+                "admin for EDIT permission on the experiment and on the registered model, or use an "
+                "account that has them.")
     if "Max retries exceeded" in exc.message or "Connection refused" in exc.message:
         return (f"cannot reach the MLflow server {uri}: {_first_line(exc.message)}. Start it (the team "
                 "stack: python -m cnnlab stack up) or point MLFLOW_TRACKING_URI at a running one.")
