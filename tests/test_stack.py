@@ -158,16 +158,21 @@ def test_mlflow_run_lands_in_the_bucket(team_stack: Stack, monkeypatch: pytest.M
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     monkeypatch.chdir(tmp_path)
-    notes = tmp_path / "notes.txt"
-    notes.write_text("a small artifact\n")
-    experiment = mlflow.MlflowClient().create_experiment(f"stack-test-{secrets.token_hex(4)}")
-    with mlflow.start_run(experiment_id=experiment) as run:
-        mlflow.log_param("lr", 0.01)
-        mlflow.log_metric("accuracy", 0.93)
-        mlflow.log_artifact(str(notes))
-    logged = mlflow.MlflowClient().get_run(run.info.run_id)
-    assert logged.data.params == {"lr": "0.01"} and logged.data.metrics == {"accuracy": 0.93}
-    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)] == ["notes.txt"]
+    # Set, not only in the environment: a URI an earlier test set in this process would win.
+    mlflow.set_tracking_uri(team_stack.client_env()["MLFLOW_TRACKING_URI"])
+    try:
+        notes = tmp_path / "notes.txt"
+        notes.write_text("a small artifact\n")
+        experiment = mlflow.MlflowClient().create_experiment(f"stack-test-{secrets.token_hex(4)}")
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_param("lr", 0.01)
+            mlflow.log_metric("accuracy", 0.93)
+            mlflow.log_artifact(str(notes))
+        logged = mlflow.MlflowClient().get_run(run.info.run_id)
+        assert logged.data.params == {"lr": "0.01"} and logged.data.metrics == {"accuracy": 0.93}
+        assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)] == ["notes.txt"]
+    finally:
+        mlflow.set_tracking_uri(None)  # back to the environment's, for later tests
 
     listed = s3_client(team_stack).list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")
     keys = [o["Key"] for o in listed.get("Contents", [])]
