@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent
 def workspace(root: Path, variants: dict, epochs: int | None) -> Path:
     ws = root / "ws"
     ws.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local"):
+    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local", ".dvcignore"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / name,
                                                             **({"ignore": shutil.ignore_patterns("__pycache__")}

@@ -36,7 +36,7 @@ SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_p
 
 def workspace(path: Path) -> Path:
     path.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local", ".gitignore"):
+    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local", ".gitignore", ".dvcignore"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))

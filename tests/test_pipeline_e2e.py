@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 def _workspace(tmp_path: Path, **overrides: dict) -> Path:
     ws = tmp_path / "ws"
     ws.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local"):
+    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local", ".dvcignore"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -27,7 +27,7 @@ def git_workspace(path: Path, variants: dict | None = None, **overrides: dict) -
     """``path``: the project's pipeline, code and params (`SMALL`, then ``overrides`` per section;
     ``variants`` replaces the map), committed in a fresh git + DVC repo."""
     path.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local", ".gitignore"):
+    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local", ".gitignore", ".dvcignore"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
