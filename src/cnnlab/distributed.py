@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,17 @@ def init(device: torch.device) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world, device
+
+
+def join(runtime: R, label: str, batch_size: int) -> tuple[World, R]:
+    """`init` for a training stage: joins the group, moves ``runtime`` (a `cnnlab.hardware.Runtime`)
+    to this rank's device, and prints the runtime line once (rank 0) as ``label: ...``."""
+    world, device = init(runtime.device)
+    runtime = replace(runtime, device=device)
+    if world.main:
+        ranks = f", {world.size} processes (batch {batch_size} each)" if world.active else ""
+        print(f"{label}: {runtime.describe()}{ranks}", file=sys.stderr)
+    return world, runtime
 
 
 def close(world: World) -> None:

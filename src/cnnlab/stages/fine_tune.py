@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +88,7 @@ def fine_tune(
     """Unfreeze the top blocks of a feature_extract model (``start_model``) and train; one MLflow run.
     Under torchrun rank 0 alone opens the run and writes the outputs (the others return {})."""
     rt = resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, tf32=cfg.tf32)
-    world, device = distributed.init(rt.device)
-    rt = replace(rt, device=device)
-    if world.main:
-        ranks = f", {world.size} processes (batch {cfg.batch_size} each)" if world.active else ""
-        print(f"fine_tune@{variant}: {rt.describe()}{ranks}", file=sys.stderr)
+    world, rt = distributed.join(rt, f"fine_tune@{variant}", cfg.batch_size)
     logged_params = {**logged_params, **rt.params(), "world_size": world.size}
     torch.manual_seed(seed)
     clf, spec = load_classifier(start_model)

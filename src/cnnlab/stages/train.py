@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +46,7 @@ def train_variant(
     Under torchrun every rank trains (`cnnlab.distributed`) and rank 0 alone opens the MLflow run
     and writes the outputs; the other ranks return an empty dict."""
     rt = resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, tf32=cfg.tf32)
-    world, device = distributed.init(rt.device)
-    rt = replace(rt, device=device)
-    if world.main:
-        ranks = f", {world.size} processes (batch {cfg.batch_size} each)" if world.active else ""
-        print(f"train@{variant}: {rt.describe()}{ranks}", file=sys.stderr)
+    world, rt = distributed.join(rt, f"train@{variant}", cfg.batch_size)
     logged_params = {**logged_params, **rt.params(), "world_size": world.size}
     torch.manual_seed(seed)
     mode, classes = split_mode(split_dir), split_classes(split_dir)
