@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.files import atomic_write_text
+from cnnlab.files import atomic_write_text, staged_dir
 
 
 def _umask() -> int:
@@ -30,3 +30,19 @@ def test_atomic_write_replaces_the_file_with_the_usual_mode(
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temp file left behind
     # Not mkstemp's owner-only 0600: other users and tools read stage outputs.
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
+
+
+def test_a_killed_write_s_leftovers_are_removed_by_the_next_write_and_nothing_else(tmp_path: Path):
+    """SIGKILL between mkdtemp/mkstemp and the rename leaves .<name>.tmp-* (or .old-*) beside the
+    output; no stage declares them, so the next write must clear them."""
+    dest, other = tmp_path / "out", tmp_path / "other.json"
+    for leftover in (".out.tmp-abc", ".out.old-.out.tmp-def"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "part.bin").write_bytes(b"x" * 10)
+    (tmp_path / ".other.json.tmp-123").write_text("half")
+    (tmp_path / ".unrelated.tmp-1").write_text("not ours")
+    with staged_dir(dest) as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.tmp-123", ".unrelated.tmp-1", "out"]
+    atomic_write_text(other, "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".unrelated.tmp-1", "other.json", "out"]

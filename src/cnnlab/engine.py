@@ -30,6 +30,7 @@ from torch import nn
 from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet
 from cnnlab.distributed import SINGLE, World, all_sum, average_buffers, barrier, from_main, shard, wrap
+from cnnlab.files import remove_leftovers
 from cnnlab.hardware import Runtime, resolve_runtime
 from cnnlab.progress import progress
 
@@ -169,6 +170,7 @@ class FitResult:
 
 def _atomic_save(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)  # a save cut short by SIGKILL; data/checkpoints is no stage's output
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     os.close(fd)
     try:

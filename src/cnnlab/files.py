@@ -18,9 +18,11 @@ from typing import Any
 def staged_dir(dest: Path) -> Iterator[Path]:
     """Yield an empty temp dir beside ``dest``; when the block succeeds it replaces ``dest``.
 
-    On an exception the temp dir is removed and an existing ``dest`` is left as it was.
+    On an exception the temp dir is removed and an existing ``dest`` is left as it was; what a
+    killed earlier attempt left beside ``dest`` is removed first.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the usual mode
     try:
@@ -40,6 +42,7 @@ def staged_dir(dest: Path) -> Iterator[Path]:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file + ``os.replace`` so readers see the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
         mode = 0o666 & ~_umask()  # mkstemp makes it owner-only (0600)
@@ -53,6 +56,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_leftovers(dest: Path) -> None:
+    """Remove the temp files and folders a SIGKILLed write of ``dest`` left beside it
+    (``.<name>.tmp-*``, ``.<name>.old-*``): nothing else removes them, since they are no stage's
+    declared output. Assumes one writer per path at a time, which DVC's repository lock ensures."""
+    for leftover in [*dest.parent.glob(f".{dest.name}.tmp-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _umask() -> int:

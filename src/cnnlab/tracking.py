@@ -1,8 +1,9 @@
 """MLflow conventions shared by every stage: where runs go, how params/tags look, run lifecycle.
 
 `tracked_run` is the only way a stage should open a run: it guarantees the run never stays
-RUNNING (FINISHED / FAILED / KILLED, including on SIGTERM from DVC or a user), tags it with the
-code version and a hash of its params, and can resume a run that a killed job left behind.
+RUNNING (FINISHED / FAILED / KILLED, including on SIGTERM from DVC or a user, and on SIGKILL via
+`cnnlab.run_guard`), tags it with the code version and a hash of its params, and can resume a
+run that a killed job left behind.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 import mlflow
 from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
+
+from cnnlab import run_guard
 
 DEFAULT_STORE = "mlflow.db"  # MLflow 3's own default store, but at the project root, not the cwd
 DEFAULT_ARTIFACTS = "mlruns"
@@ -168,17 +171,20 @@ def tracked_run(
     """Open (or resume ``run_id``) a run that ends FINISHED, FAILED or KILLED, never RUNNING.
 
     SIGTERM inside the block raises `Terminated`; KeyboardInterrupt and `Terminated` mark the
-    run KILLED and propagate, any other exception marks it FAILED and propagates.
+    run KILLED and propagate, any other exception marks it FAILED and propagates. SIGKILL and power
+    cuts are `cnnlab.run_guard`'s: a watcher process ends this run KILLED if the process dies
+    inside the block, and opening a run first ends the experiment's runs whose process is gone.
     """
     mlflow.set_tracking_uri(tracking_uri())
     flat = {k: _truncate(v) for k, v in flatten(params).items()}
-    all_tags = {**tags, **dvc_experiment_tags(), "params_hash": params_hash(params)}
+    all_tags = {**tags, **dvc_experiment_tags(), "params_hash": params_hash(params), run_guard.OWNER_TAG: run_guard.owner()}
     commit = git_commit()
     if commit is not None:  # absent rather than a fake value: "unknown" would look like a commit
         all_tags["git_commit"] = commit
 
     in_main = threading.current_thread() is threading.main_thread()
     active: mlflow.ActiveRun | None = None
+    watcher: run_guard.Watcher | None = None
     installed, previous_handler = False, None
     status = RunStatus.FAILED
     try:
@@ -189,14 +195,16 @@ def tracked_run(
                 previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
                 installed = True
             previous = _existing_run(run_id)
+            experiment_id = previous.info.experiment_id if previous is not None else _experiment_id(experiment)
+            end_stale_runs([experiment_id])
             if previous is not None:
                 active = mlflow.start_run(run_id=previous.info.run_id)
                 logged = previous.data.params
             else:
-                experiment_id = _experiment_id(experiment)
                 active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
                 logged = {}
-            mlflow.set_tags(all_tags)
+            mlflow.set_tags(all_tags)  # the owner tag first: the watcher ends only a run it owns
+            watcher = run_guard.watch(tracking_uri(), active.info.run_id)
             _log_missing_params(flat, logged)
         yield active
         status = RunStatus.FINISHED
@@ -209,8 +217,20 @@ def tracked_run(
         with _sigterm_held(in_main):
             if active is not None:
                 mlflow.end_run(RunStatus.to_string(status))
+            if watcher is not None:
+                watcher.done()
             if installed:  # None: the old handler was set outside Python; default is closest
                 signal.signal(signal.SIGTERM, previous_handler or signal.SIG_DFL)
+
+
+def end_stale_runs(experiment_ids: list[str]) -> list[str]:
+    """End KILLED the RUNNING runs of these experiments whose process is gone (`cnnlab.run_guard`).
+    Never raises: a store that refuses (no EDIT permission on a team server) only gets a warning."""
+    try:
+        return run_guard.end_stale_runs(mlflow.MlflowClient(), experiment_ids)
+    except MlflowException as exc:
+        _log.warning("could not check for runs left RUNNING by a killed process: %s", exc.message)
+        return []
 
 
 def _existing_run(run_id: str | None) -> Run | None:

@@ -121,33 +121,44 @@ _BUILDERS: dict[str, Builder] = {"zoo": _zoo_net, "backbone": _backbone_kind_net
 
 def save_classifier(model: Classifier, spec: ModelSpec, folder: Path) -> None:
     """Write ``spec.json`` + ``weights.pt`` into ``folder``, each atomically."""
+    from cnnlab.files import atomic_write_text, remove_leftovers
+
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".weights.tmp-")
+    remove_leftovers(folder / "weights.pt")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".weights.pt.tmp-")
     os.close(fd)
     try:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, folder / "weights.pt")
     finally:
         Path(tmp).unlink(missing_ok=True)
-    from cnnlab.files import atomic_write_text
-
     atomic_write_text(folder / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
+
+
+def restore_hint(folder: Path) -> str:
+    """What a user runs when a model folder a stage wrote was damaged."""
+    return f"restore it with `dvc checkout {folder}` (or re-create it with `dvc repro`)"
 
 
 def load_spec(folder: Path) -> ModelSpec:
     try:
         return ModelSpec(**json.loads((folder / "spec.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"{folder / 'spec.json'}: not a readable model spec ({exc})") from None
+        raise ValueError(f"{folder / 'spec.json'}: not a readable model spec ({exc}); {restore_hint(folder)}") from None
 
 
 def load_classifier(folder: Path) -> tuple[Classifier, ModelSpec]:
     """Rebuild from ``spec.json`` and load ``weights.pt`` safely (tensors only, no code)."""
     spec = load_spec(folder)
-    model = build_classifier(spec)
+    try:
+        model = build_classifier(spec)
+    except (ValueError, TypeError, KeyError) as exc:  # a spec.json edited into something unbuildable
+        raise ValueError(f"{folder / 'spec.json'}: {exc}; {restore_hint(folder)}") from None
     try:
         state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(state)  # strict: every tensor, each of the right shape, or nothing
     except Exception as exc:  # a tampered or mismatched file: never half-load it
-        raise ValueError(f"{folder / 'weights.pt'}: cannot load weights for {spec.arch} ({exc})") from None
+        reason = str(exc).strip().splitlines()[0][:300]
+        raise ValueError(f"{folder / 'weights.pt'}: cannot load weights for {spec.arch} ({type(exc).__name__}: "
+                         f"{reason}); {restore_hint(folder)}") from None
     return model.eval(), spec

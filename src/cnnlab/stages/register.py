@@ -16,7 +16,7 @@ import mlflow
 
 from cnnlab.files import write_json
 from cnnlab.registry import RegistryResult, read_candidate, register_variants
-from cnnlab.tracking import dvc_experiment_tags, tracking_uri
+from cnnlab.tracking import dvc_experiment_tags, end_stale_runs, tracking_uri
 
 
 def register(models_dir: Path, test_metrics: Path, out: Path, *, stages: dict[str, str], model_name: str,
@@ -27,9 +27,13 @@ def register(models_dir: Path, test_metrics: Path, out: Path, *, stages: dict[st
     test = json.loads(test_metrics.read_text()) if test_metrics.exists() else None
     candidates = [read_candidate(name, models_dir / name, test, stage) for name, stage in stages.items()]
     mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    # Before a version points at them: end the runs that a killed stage left RUNNING in the variants'
+    # experiments (cnnlab.run_guard; the watcher covers a SIGKILL, this a power cut).
+    end_stale_runs(sorted({e for c in candidates if (e := _experiment_of(client, c.run_id))}))
     tags = dvc_experiment_tags()
     experiment = tags.get("dvc.exp_name")
-    result = register_variants(mlflow.MlflowClient(), model_name, alias, candidates,
+    result = register_variants(client, model_name, alias, candidates,
                                promote=experiment is None, tags=tags)
     write_json(out, {
         "model_name": result.model_name,
@@ -42,6 +46,13 @@ def register(models_dir: Path, test_metrics: Path, out: Path, *, stages: dict[st
         "model_uri": _model_uri(result),
     })
     return _summary(result, candidates, experiment)
+
+
+def _experiment_of(client: mlflow.MlflowClient, run_id: str) -> str | None:
+    try:
+        return client.get_run(run_id).info.experiment_id
+    except mlflow.exceptions.MlflowException:  # register_variants says what is missing
+        return None
 
 
 def _model_uri(result: RegistryResult) -> str:
