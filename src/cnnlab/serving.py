@@ -34,8 +34,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Map
 
 import cnnlab
+from cnnlab.batching import Coalescer
 from cnnlab.data.images import ImageDecodeError, convert_mode, downscale, load_image_bytes
 from cnnlab.data.preprocess import prepare
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
@@ -58,6 +58,10 @@ from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
 IMAGE_COLUMN = "image"
 # The split stage's default max_image_pixels: serve what the pipeline itself would accept.
 DEFAULT_MAX_PIXELS = 40_000_000
+# Per request, so one request cannot hold a worker for minutes: rows, and decoded pixels over all
+# rows (10,000 tiny images or 50 photos). An operator changes them with SERVING_MODEL_CONFIG.
+DEFAULT_MAX_ROWS = 1024
+DEFAULT_MAX_REQUEST_PIXELS = 100_000_000
 # Optional on paper only: MLflow checks required columns before `predict` runs, and its
 # "missing inputs" error reaches the client with the request's contents (see the module
 # docstring). Optional, a missing column reaches `predict`, which refuses it in a short message.
@@ -70,7 +74,6 @@ OUTPUT_SCHEMA = Schema(
         ColSpec(Map(DataType.double), "probabilities"),
     ]
 )
-_REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "mlflow")
 # Models-from-code: MLflow copies this file into the model and runs it to build the pyfunc.
 _ENTRY_POINT = Path(__file__).with_name("pyfunc_model.py")
 # Set in the process that loads the model by MLflow's scoring server (`mlflow models serve`, and
@@ -127,8 +130,13 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         config = context.model_config or {}
         self._max_pixels = int(config.get("max_pixels", DEFAULT_MAX_PIXELS))
         self._max_side = config.get("max_side")  # None: models logged before it was recorded
+        self._max_rows = int(config.get("max_rows", DEFAULT_MAX_ROWS))
+        self._max_request_pixels = int(config.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS))
         self._model, self._spec = load_classifier(Path(context.artifacts["model"]))
         self._model.eval()
+        # The server's threads take turns and share passes (cnnlab.batching): under load one batch
+        # of the waiting requests' images instead of one small pass per request, all at once.
+        self._forward = Coalescer(lambda batch: probabilities(self._model, batch), max_rows=64)
 
     def predict(
         self,
@@ -137,9 +145,13 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         try:
+            if (rows := _row_count(model_input)) > self._max_rows:  # before any row is decoded
+                raise ServingError(f"{rows} images in one request, more than this server takes "
+                                   f"({self._max_rows}, model config max_rows): send them in smaller requests")
             images = _images_from(model_input)
             return predict_images(self._model, self._spec, images, max_pixels=self._max_pixels,
-                                  max_side=self._max_side)
+                                  max_side=self._max_side, max_total_pixels=self._max_request_pixels,
+                                  forward=self._forward)
         except ServingError:
             raise
         except Exception as e:
@@ -159,31 +171,36 @@ def predict_images(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = None,
+    max_total_pixels: int | None = None,
     batch_size: int = 64,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> pd.DataFrame:
     """Classify encoded images; every image is decoded first, so one bad row fails the request.
 
     Raises `ServingError` (naming the row) for an empty list or an image that does not decode
     or has more than ``max_pixels`` pixels. ``max_side`` repeats the split stage's one-time
     shrink of large images (after its colour conversion), so a photo is resampled exactly as the
-    training and test images were.
+    training and test images were. ``max_total_pixels`` bounds the pixels decoded for the whole
+    call: the work stops at the first image that goes over it. ``forward`` (default
+    `probabilities` of ``model``) maps a batch of prepared images to class probabilities.
     """
     if len(images) == 0:
         raise ServingError(f"no images in the request: send at least one row in {IMAGE_COLUMN!r}")
-    tensors = []
+    tensors, total = [], 0
     for row, data in enumerate(images):
         try:
             image = load_image_bytes(bytes(data), max_pixels=max_pixels)
         except ImageDecodeError as e:
             raise ServingError(e.reason, row=row) from None
+        total += image.width * image.height
+        if max_total_pixels is not None and total > max_total_pixels:
+            raise ServingError(f"the request's images hold more than {max_total_pixels} pixels together "
+                               f"(model config max_request_pixels): send them in smaller requests", row=row)
         if max_side is not None:
             image = downscale(convert_mode(image, spec.mode), max_side)
         tensors.append(prepare(image, mode=spec.mode, size=spec.image_size))
-    chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(tensors), batch_size):
-            batch = torch.stack(tensors[start : start + batch_size])
-            chunks.append(torch.softmax(model(batch).float(), dim=1))
+    forward = forward or (lambda batch: probabilities(model, batch))
+    chunks = [forward(torch.stack(tensors[start : start + batch_size])) for start in range(0, len(tensors), batch_size)]
     probs = torch.cat(chunks).double().numpy()
     ids = probs.argmax(axis=1)
     return pd.DataFrame(
@@ -194,6 +211,11 @@ def predict_images(
             "probabilities": [dict(zip(spec.classes, map(float, p))) for p in probs],
         }
     )
+
+
+def probabilities(model: Classifier, batch: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():  # thread-local: entered by whichever thread runs the pass
+        return torch.softmax(model(batch).float(), dim=1)
 
 
 def log_classifier(
@@ -210,7 +232,8 @@ def log_classifier(
     The pyfunc is logged as code (`cnnlab/pyfunc_model.py`), not as a pickled object, and
     ``code_paths`` ships the cnnlab package with it, so it loads where cnnlab is not installed.
     MLflow stores the example (at most 2 images) as base64 and, at log time, loads the model and
-    predicts on it; a failure there is only logged as a warning, not raised. ``max_pixels`` and
+    predicts on it (only warning if that fails); before that, `_pip_requirements` loads and
+    predicts on it to see what the model imports, and that raises on a failure. ``max_pixels`` and
     ``max_side`` are the split stage's limits (its ``preprocess.json``), kept in the model config.
 
     Served with ``mlflow models serve -m models:/NAME@ALIAS --env-manager local``, it takes
@@ -242,7 +265,7 @@ def _log_model(name: str, model_dir: Path, example_images: Sequence[bytes], regi
         signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
         input_example=pd.DataFrame({IMAGE_COLUMN: list(example_images[:2])}, dtype=object),
         registered_model_name=registered_model_name,
-        pip_requirements=_pip_requirements(),
+        pip_requirements=_pip_requirements(model_dir, example_images[:2], max_pixels, max_side),
     )
 
 
@@ -266,6 +289,13 @@ def _images_from(model_input: Any) -> list[bytes]:
         kind = type(model_input).__name__
         raise ServingError(f"expected a DataFrame with an {IMAGE_COLUMN!r} column, got {kind}")
     return [_as_bytes(row, value) for row, value in enumerate(values)]
+
+
+def _row_count(model_input: Any) -> int:
+    if isinstance(model_input, Mapping):
+        values = model_input.get(IMAGE_COLUMN)
+        return len(values) if isinstance(values, (list, tuple, pd.Series, np.ndarray)) else 1
+    return len(model_input) if hasattr(model_input, "__len__") else 1
 
 
 def _as_bytes(row: int, value: Any) -> bytes:
@@ -306,12 +336,21 @@ def limit_threads() -> None:
         torch.set_num_threads(max(1, min(4, cores or 1)))
 
 
-def _pip_requirements() -> list[str]:
-    pins = []
-    for package in _REQUIREMENTS:
-        try:
-            # Drop a local tag ("2.x+cpu"): PyPI has no such release, so the pin would not resolve.
-            pins.append(f"{package}=={version(package).split('+')[0]}")
-        except PackageNotFoundError:  # still name it: the serving env must have it
-            pins.append(package)
-    return pins
+def _pip_requirements(model_dir: Path, example_images: Sequence[bytes], max_pixels: int,
+                      max_side: int | None) -> list[str]:
+    """What the model's environment must install, read off the code that loads and serves it.
+
+    `mlflow models serve` and `predict` (unless ``--env-manager local``) and docker builds
+    install only these, so they must name what this very model imports: timm for a transfer
+    model, not for a scratch one (see `cnnlab.model_env`). Exercised here, as the scoring server
+    does it: the pyfunc's own `load_context` and `predict` on the input example.
+    """
+    from cnnlab.model_env import served_requirements
+
+    def load_and_predict() -> None:
+        model = ImageClassifierModel()
+        config = {"max_pixels": max_pixels, "max_side": max_side}
+        model.load_context(mlflow.pyfunc.PythonModelContext({"model": str(model_dir)}, config))
+        model.predict(None, pd.DataFrame({IMAGE_COLUMN: list(example_images)}, dtype=object))
+
+    return served_requirements(_ENTRY_POINT, Path(cnnlab.__file__).parent, load_and_predict)
