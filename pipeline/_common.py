@@ -30,7 +30,19 @@ def parse(description: str, *paths: str) -> tuple[argparse.Namespace, Params]:
 
 
 def run(main: Callable[[], None], *expected: type[BaseException]) -> None:
-    """Run ``main``; an expected error prints its message (no traceback) and exits with status 1."""
+    """Run ``main``; an expected error prints its message (no traceback) and exits with status 1.
+    If the stage is killed (SIGKILL: nothing in it runs), a watcher removes the temp files it left
+    under data/ (`cnnlab.run_guard.watch_files`)."""
+    from cnnlab.run_guard import watch_files
+
+    guard = watch_files(Path("data").resolve())
+    try:
+        _run(main, *expected)
+    finally:
+        guard.done()
+
+
+def _run(main: Callable[[], None], *expected: type[BaseException]) -> None:
     try:
         main()
     except (ConfigError, *expected) as exc:

@@ -364,6 +364,58 @@ def test_each_optimizer_takes_its_own_first_step(optimizer: str):
     assert optimizer == "sgd" or compared > sum(w.numel() for w in before) / 2
 
 
+def _gradient_at(weights: list[torch.Tensor], train: TrainSet) -> list[torch.Tensor]:
+    """d (mean cross-entropy) / d params of `model()` holding ``weights``, on the whole set."""
+    m = model()
+    with torch.no_grad():
+        for p, w in zip(m.parameters(), weights, strict=True):
+            p.copy_(w)
+    m.train()
+    loss = _nll(m(train.images), train.labels).mean()
+    return [g.detach() for g in torch.autograd.grad(loss, list(m.parameters()))]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"])
+def test_second_step_carries_momentum_and_weight_decay(optimizer: str):
+    """A first step cannot show momentum (its buffer starts at zero), so two full-batch steps,
+    the second against the hand rule from the weights the first left (torch's documented rules,
+    d = g + wd w): sgd, Nesterov: b = m b + d, w -= lr (d + m b); rmsprop (alpha 0.99):
+    v = 0.99 v + 0.01 d^2, b = m b + d / (sqrt(v) + eps), w -= lr b."""
+    train, val = _imbalanced()
+    lr, mom, wd, eps = 0.01, 0.9, 0.05, 1e-8
+    m = model()
+    w0 = [p.detach().clone() for p in m.parameters()]
+    after: dict[int, list[torch.Tensor]] = {}
+
+    def on_epoch(row: dict[str, float]) -> None:  # before fit restores the best epoch's weights
+        after[int(row["epoch"])] = [p.detach().clone() for p in m.parameters()]
+
+    cfg = TrainParams(**{**FAST, "epochs": 2, "batch_size": len(train), "optimizer": optimizer, "lr": lr,
+                         "momentum": mom, "weight_decay": wd, "scheduler": "none", "device": "cpu"})
+    fit(m, train, val, cfg, seed=0, on_epoch=on_epoch)
+    w1, w2 = after[1], after[2]
+    g0, g1 = _gradient_at(w0, train), _gradient_at(w1, train)
+    compared = 0
+    for a0, a1, a2, x0, x1 in zip(w0, w1, w2, g0, g1, strict=True):
+        d0, d1 = x0 + wd * a0, x1 + wd * a1
+        if optimizer == "sgd":
+            b1 = d0
+            torch.testing.assert_close(a1, a0 - lr * (d0 + mom * b1), rtol=1e-4, atol=1e-7)
+            b2 = mom * b1 + d1
+            torch.testing.assert_close(a2, a1 - lr * (d1 + mom * b2), rtol=1e-4, atol=1e-7)
+            compared += a0.numel()
+            continue
+        v1 = 0.01 * d0 ** 2
+        b1 = d0 / (v1.sqrt() + eps)
+        v2 = 0.99 * v1 + 0.01 * d1 ** 2
+        b2 = mom * b1 + d1 / (v2.sqrt() + eps)
+        # b1 is d0 / |d0| / 0.1: where d0 is within rounding of 0 its sign is the summation order's
+        clear = d0.abs() > 1e-5
+        compared += int(clear.sum())
+        torch.testing.assert_close(a2[clear], (a1 - lr * b2)[clear], rtol=1e-4, atol=lr * 1e-3)
+    assert compared > sum(w.numel() for w in w0) / 2
+
+
 # --- the criterion itself, on a small tensor --------------------------------------------------
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [1.0, 1.0, 1.0], [0.0, -2.0, 2.5]])

@@ -128,3 +128,37 @@ def test_a_resumed_run_that_was_ended_killed_runs_and_finishes_again(tmp_path: P
         assert client.get_run(run.info.run_id).info.status == "RUNNING"
         assert client.get_run(run.info.run_id).data.tags[run_guard.OWNER_TAG] == run_guard.owner()
     assert client.get_run(left.info.run_id).info.status == "FINISHED"
+
+
+_WRITER = r"""
+import sys, time
+from pathlib import Path
+from cnnlab.files import staged_dir
+from cnnlab.run_guard import watch_files
+root = Path(sys.argv[1])
+guard = watch_files(root)
+with staged_dir(root / "plots" / "out") as tmp:
+    (tmp / "half.png").write_bytes(b"x" * 100)
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_sigkilled_stage_s_temp_files_are_removed_by_its_watcher_and_no_one_else_s(tmp_path: Path):
+    """After a SIGKILL DVC usually restores the stage from its cache and runs no code: only the
+    watcher can remove what the killed write left beside the output."""
+    (tmp_path / "plots" / "out").mkdir(parents=True)
+    (tmp_path / "plots" / "out" / "old.png").write_bytes(b"old")  # the previous output, intact
+    foreign = tmp_path / "plots" / f".out.tmp-{os.getpid()}-abc"  # a live writer's: not to be touched
+    foreign.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    ours = [p for p in (tmp_path / "plots").iterdir() if p.name.startswith(f".out.tmp-{writer.pid}-")]
+    assert len(ours) == 1 and (ours[0] / "half.png").exists()
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    deadline = time.monotonic() + 120  # a bound on waiting for the watcher, not a speed assertion
+    while ours[0].exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not ours[0].exists()
+    assert foreign.exists() and (tmp_path / "plots" / "out" / "old.png").read_bytes() == b"old"

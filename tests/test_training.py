@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cnnlab import engine
-from cnnlab.config import AugmentParams, TrainParams
+from cnnlab.config import AugmentParams, ColorJitterParams, TrainParams
 from cnnlab.data.augment import run_augment
 from cnnlab.data.split import read_manifest, run_split
 from cnnlab.data.tensors import TrainSet
@@ -183,6 +183,30 @@ def test_each_variant_trains_on_the_data_it_names(store: str, data_dirs, tmp_pat
     assert changed >= 0.9 * len(ins), f"only {changed} of {len(ins)} images changed by the policy"
     # and the model is fed exactly what the policy made, not the stored originals
     assert torch.equal(torch.cat(fly.batches), outs)
+
+
+def test_on_the_fly_feeds_the_stored_policy_s_transform_of_each_original(
+    store: str, tiny_idx: Path, tmp_path: Path, fit_spy
+):
+    """A policy with one certain outcome (both flips always, everything else off): every epoch the
+    model must be fed each original turned by 180 degrees, never the original itself. The policy
+    comes from the augment folder's policy.json, not from the defaults."""
+    split, aug = tmp_path / "split", tmp_path / "aug"
+    run_split(tiny_idx, split, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=6,
+              max_val_per_class=3, max_test_per_class=2, max_image_pixels=10_000, max_side=None, color_mode="auto")
+    turn = AugmentParams(hflip=1.0, vflip=1.0, rotation=0.0, translate=0.0, scale=[1.0, 1.0], shear=0.0,
+                         color_jitter=ColorJitterParams(), random_erasing=0.0)
+    run_augment(split, aug, tmp_path / "preview.png", policy_params=turn, copies=1, seed=0, preview_images=2)
+    originals = _decoded([r["path"] for r in read_manifest(split, "train")])
+    turned = originals.flip(-1, -2)
+    assert not set(_rows(turned)) & set(_rows(originals))  # so a fed original cannot pass for a turned one
+
+    _train(split, aug, tmp_path / "f", variant="fly", on_the_fly=True)
+    (fly,) = fit_spy
+    fed, n = torch.cat(fly.batches), len(originals)
+    assert len(fed) == TINY.epochs * n
+    for epoch in range(TINY.epochs):
+        assert _rows(fed[epoch * n:(epoch + 1) * n]) == _rows(turned)
 
 
 def test_a_failing_run_is_marked_failed(store: str, data_dirs, tmp_path: Path, monkeypatch):

@@ -31,6 +31,7 @@ from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet
 from cnnlab.distributed import SINGLE, World, all_sum, average_buffers, barrier, from_main, shard, wrap
 from cnnlab.files import remove_leftovers
+from cnnlab.run_guard import temp_prefix
 from cnnlab.hardware import Runtime, resolve_runtime
 from cnnlab.progress import progress
 
@@ -171,7 +172,7 @@ class FitResult:
 def _atomic_save(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)  # a save cut short by SIGKILL; data/checkpoints is no stage's output
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name))
     os.close(fd)
     try:
         torch.save(obj, tmp)

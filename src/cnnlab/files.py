@@ -6,12 +6,15 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from cnnlab.run_guard import temp_prefix
 
 
 @contextmanager
@@ -23,7 +26,7 @@ def staged_dir(dest: Path) -> Iterator[Path]:
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(dest)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temp_prefix(dest.name)))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the usual mode
     try:
         yield tmp
@@ -43,7 +46,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file + ``os.replace`` so readers see the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name))
     try:
         mode = 0o666 & ~_umask()  # mkstemp makes it owner-only (0600)
         if hasattr(os, "fchmod"):
@@ -60,13 +63,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def remove_leftovers(dest: Path) -> None:
     """Remove the temp files and folders a SIGKILLed write of ``dest`` left beside it
-    (``.<name>.tmp-*``, ``.<name>.old-*``): nothing else removes them, since they are no stage's
-    declared output. Assumes one writer per path at a time, which DVC's repository lock ensures."""
+    (``.<name>.tmp-<pid>-*``, ``.<name>.old-*``) whose writer is gone: no stage declares them as
+    outputs, so nothing else would (`cnnlab.run_guard.watch_files` does right after a SIGKILL)."""
     for leftover in [*dest.parent.glob(f".{dest.name}.tmp-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
+        writer = re.search(r"\.tmp-(\d+)-", leftover.name)
+        if writer and int(writer.group(1)) != os.getpid() and _alive(int(writer.group(1))):
+            continue  # a live process is writing it
         if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _umask() -> int:

@@ -14,13 +14,22 @@ things cover those:
   covers a power cut, where the watcher died too. Runs owned by another host are left alone: from
   here nobody can tell whether their process is alive.
 
-This file runs as a script for the watcher (``python run_guard.py URI RUN_ID OWNER``) and then
-imports only the standard library and mlflow, so it starts without the cnnlab package.
+The same kind of watcher guards a stage's files (`watch_files`, started for every stage by
+pipeline/_common.py): temp files and folders are named with their writer's pid (`temp_prefix`),
+and when the stage dies without saying "done", its watcher removes what that pid left under
+``data/``. A re-run would not: after a crash DVC usually restores the stage's outputs from its cache
+and runs no code at all.
+
+This file runs as a script for the watchers (``python run_guard.py URI RUN_ID OWNER``,
+``python run_guard.py --files ROOT PID``) and then imports only the standard library (and mlflow
+for a run), so it starts without the cnnlab package.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -85,12 +94,53 @@ class Watcher:
         self._process.wait(timeout=30)
 
 
+def temp_prefix(name: str) -> str:
+    """Prefix of a temp file or folder written in place of ``name``, tagged with this process."""
+    return f".{name}.tmp-{os.getpid()}-"
+
+
+def remove_temp_files_of(pid: int, root: Path, depth: int = 3) -> list[Path]:
+    """Remove the temp files and folders (`temp_prefix`, and ``.old-`` ones named after them) that
+    process ``pid`` left in ``root`` and its folders down to ``depth`` levels; returns them."""
+    mark = re.compile(rf"^\..+\.tmp-{pid}-[^/]*$")
+    removed, level = [], [root]
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                if mark.match(entry.name):
+                    path = Path(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                    removed.append(path)
+                elif entry.is_dir(follow_symlinks=False):
+                    below.append(entry.path)
+        level = below
+    return removed
+
+
+def watch_files(root: Path) -> Watcher:
+    """Start a watcher that removes this process's temp files under ``root`` if it dies before
+    calling `done`."""
+    return _spawn(["--files", str(root), str(os.getpid())])
+
+
 def watch(tracking_uri: str, run_id: str) -> Watcher:
     """Start a watcher that ends ``run_id`` KILLED if this process dies before calling `done`."""
+    return _spawn([tracking_uri, run_id, owner()])
+
+
+def _spawn(args: list[str]) -> Watcher:
     try:
         process = subprocess.Popen(
             # -I: not the script's folder (cnnlab/) on sys.path, whose module names could shadow others.
-            [sys.executable, "-I", str(Path(__file__)), tracking_uri, run_id, owner()],
+            [sys.executable, "-I", str(Path(__file__)), *args],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
@@ -102,6 +152,9 @@ def watch(tracking_uri: str, run_id: str) -> Watcher:
 def _watch_main(tracking_uri: str, run_id: str, run_owner: str) -> int:
     message = sys.stdin.buffer.read()  # returns when the stage closes the pipe, or dies
     if message == _DONE:
+        return 0
+    if tracking_uri == "--files":
+        remove_temp_files_of(int(run_owner), Path(run_id))
         return 0
     import mlflow
     from mlflow.entities import RunStatus

@@ -176,6 +176,7 @@ def tracked_run(
     inside the block, and opening a run first ends the experiment's runs whose process is gone.
     """
     mlflow.set_tracking_uri(tracking_uri())
+    os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run` points it at its own run; a stage opens its own
     flat = {k: _truncate(v) for k, v in flatten(params).items()}
     all_tags = {**tags, **dvc_experiment_tags(), "params_hash": params_hash(params), run_guard.OWNER_TAG: run_guard.owner()}
     commit = git_commit()

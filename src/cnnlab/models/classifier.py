@@ -122,10 +122,11 @@ _BUILDERS: dict[str, Builder] = {"zoo": _zoo_net, "backbone": _backbone_kind_net
 def save_classifier(model: Classifier, spec: ModelSpec, folder: Path) -> None:
     """Write ``spec.json`` + ``weights.pt`` into ``folder``, each atomically."""
     from cnnlab.files import atomic_write_text, remove_leftovers
+    from cnnlab.run_guard import temp_prefix
 
     folder.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder / "weights.pt")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".weights.pt.tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=temp_prefix("weights.pt"))
     os.close(fd)
     try:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
