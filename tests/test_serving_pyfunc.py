@@ -369,3 +369,24 @@ def test_large_uploads_get_the_pixels_the_split_stage_gave(mode: str) -> None:
     assert got["probabilities"][0] == pytest.approx(want["probabilities"][0], abs=1e-9)
     unshrunk = predict_images(model, spec, [photo])
     assert unshrunk["probabilities"][0] != pytest.approx(want["probabilities"][0], abs=1e-9)
+
+
+def test_per_request_limits_and_the_operator_s_override(logged: dict[str, Logged]) -> None:
+    """max_rows and max_request_pixels refuse a request before it can hold a worker; the scoring
+    server's SERVING_MODEL_CONFIG goes through load_model(model_config=...), as here."""
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(logged["RGB"].model_uri)
+    frame = pd.DataFrame({"image": [IMAGES[0]] * 3}, dtype=object)
+    assert len(model.predict(frame)) == 3  # the defaults (1024 rows, 100 MP) take it
+    strict = mlflow.pyfunc.load_model(logged["RGB"].model_uri, model_config={"max_rows": 2})
+    with pytest.raises(MlflowException, match=r"^3 images in one request, more than this server takes \(2, "):
+        strict.predict(frame)
+    with pytest.raises(MlflowException, match=r"^3 images in one request"):
+        strict.predict({"image": [IMAGES[0]] * 3})  # a dict of columns counts its rows, not its keys
+    width, height = Image.open(io.BytesIO(IMAGES[0])).size
+    few_pixels = mlflow.pyfunc.load_model(logged["RGB"].model_uri,
+                                          model_config={"max_request_pixels": 2 * width * height})
+    assert len(few_pixels.predict(frame.iloc[:2])) == 2
+    with pytest.raises(MlflowException, match=r"^row 2: the request's images hold more than"):
+        few_pixels.predict(frame)

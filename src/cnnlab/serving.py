@@ -261,7 +261,10 @@ def _log_model(name: str, model_dir: Path, example_images: Sequence[bytes], regi
         python_model=str(_ENTRY_POINT),
         artifacts={"model": str(model_dir)},
         code_paths=[str(Path(cnnlab.__file__).parent)],
-        model_config={"max_pixels": max_pixels, "max_side": max_side},
+        # Every key an operator may override: MLflow applies SERVING_MODEL_CONFIG (or load_model's
+        # model_config) only to keys the logged config already has.
+        model_config={"max_pixels": max_pixels, "max_side": max_side, "max_rows": DEFAULT_MAX_ROWS,
+                      "max_request_pixels": DEFAULT_MAX_REQUEST_PIXELS},
         signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
         input_example=pd.DataFrame({IMAGE_COLUMN: list(example_images[:2])}, dtype=object),
         registered_model_name=registered_model_name,
