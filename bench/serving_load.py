@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per load (default %(default)s)")
     ap.add_argument("--baseline-s", type=float, default=15.0)
+    ap.add_argument("--warmup", type=float, default=20.0, help="seconds of each request kind before measuring")
     ap.add_argument("--timeout", type=float, default=30.0, help="a request without an answer by then is a timeout")
     ap.add_argument("--no-abuse", action="store_true")
     args = ap.parse_args(argv)
@@ -260,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
                 kinds = {"1 image": single, "16 images": batches}
                 wires = {k: [(request(port, body_of(list(group))), [expected[g] for g in group]) for group in groups]
                          for k, groups in kinds.items()}
-                asyncio.run(closed_loop(port, Load(8, "warm-up", 1), wires["1 image"], 5, args.timeout))
+                # Warm up with both kinds at the largest load, so "after warm-up" is the plateau the
+                # allocator reaches for the biggest coalesced batch, and growth after it is a leak.
+                for kind in kinds:
+                    asyncio.run(closed_loop(port, Load(max(args.clients), "warm-up", 1), wires[kind],
+                                            args.warmup, args.timeout))
                 warm = rss_mib(proc.pid)
                 for clients in args.clients:
                     for kind, per in (("1 image", 1), ("16 images", 16)):
