@@ -1,7 +1,7 @@
 """Crash anywhere, lose nothing: SIGKILL each stage at a seeded random moment, run `dvc repro`
 again, and check that nothing was lost or left behind.
 
-    .venv/bin/python bench/crash_anywhere.py [--seed 0] [--keep DIR]   # ~10 min on a 2-core CPU
+    .venv/bin/python bench/crash_anywhere.py [--quick] [--seed 0] [--keep DIR]   # --quick: 14 min on 2 busy cores
 
 In a small copy of the project (a git + DVC repo in a temporary folder, the default store
 `mlflow.db` in it), after one uninterrupted `dvc repro` (the reference), for each stage in order:
