@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per load (default %(default)s)")
     ap.add_argument("--baseline-s", type=float, default=15.0)
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds of each request kind before measuring")
-    ap.add_argument("--timeout", type=float, default=30.0, help="a request without an answer by then is a timeout")
+    ap.add_argument("--timeout", type=float, default=65.0,
+                    help="a request without an answer by then is a timeout (default: past the server's own 60 s, which answers 504)")
     ap.add_argument("--no-abuse", action="store_true")
     args = ap.parse_args(argv)
 
