@@ -55,6 +55,8 @@ def _workspace(root: Path) -> Path:
 def _mlflow_run(ws: Path, uri: str, entry_point: str, **parameters: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ws / "src")}
+    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        env.pop(var, None)  # an earlier test's mlflow.set_experiment exports its (other store's) id
     args = [arg for k, v in parameters.items() for arg in ("-P", f"{k}={v}")]
     done = subprocess.run([str(BIN / "mlflow"), "run", str(ws), "-e", entry_point, "--env-manager", "local", *args],
                           cwd=ws, env=env, capture_output=True, text=True, timeout=1800)  # the machine is shared
