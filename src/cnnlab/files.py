@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cnnlab.run_guard import temp_prefix
+from cnnlab.run_guard import pid_alive, temp_prefix
 
 
 @contextmanager
@@ -67,22 +67,12 @@ def remove_leftovers(dest: Path) -> None:
     outputs, so nothing else would (`cnnlab.run_guard.watch_files` does right after a SIGKILL)."""
     for leftover in [*dest.parent.glob(f".{dest.name}.tmp-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
         writer = re.search(r"\.tmp-(\d+)-", leftover.name)
-        if writer and int(writer.group(1)) != os.getpid() and _alive(int(writer.group(1))):
+        if writer and int(writer.group(1)) != os.getpid() and pid_alive(int(writer.group(1))):
             continue  # a live process is writing it
         if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _umask() -> int:

@@ -94,6 +94,17 @@ class Watcher:
         self._process.wait(timeout=30)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (anyone's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def temp_prefix(name: str) -> str:
     """Prefix of a temp file or folder written in place of ``name``, tagged with this process."""
     return f".{name}.tmp-{os.getpid()}-"
