@@ -22,8 +22,19 @@ REPO = Path(__file__).resolve().parents[1]
 def use_mlflow_store(mp: pytest.MonkeyPatch, root: Path) -> str:
     """Point MLflow (this process and its subprocesses) at a fresh sqlite store in ``root``, for
     as long as ``mp`` lasts; returns the tracking URI."""
+    import mlflow.tracking._model_registry.utils
+    import mlflow.tracking._tracking_service.utils
+    import mlflow.tracking.fluent
+
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mp.setenv("MLFLOW_TRACKING_URI", uri)
+    # An earlier test's mlflow.set_tracking_uri / set_experiment outranks the variable (and
+    # exports its experiment id): forget both, so this store is the one used.
+    mp.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    mp.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     mp.chdir(root)  # MLflow's default artifact root is ./mlruns: keep it out of the checkout
     mp.setattr(sys, "path", list(sys.path))  # load_model prepends each model's code/ dir
     return uri
