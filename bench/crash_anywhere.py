@@ -34,10 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from project_copy import copy_project, project_params, tool_argv, tool_env
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 STAGES = ("download", "split", "augment", "train@scratch", "train@regularized", "feature_extract@feature_extract",
           "fine_tune@fine_tune", "evaluate", "register")
 SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4},
@@ -55,28 +53,13 @@ LOCK_MESSAGES = ("Unable to acquire lock", "is busy, it is being blocked by")
 def workspace(path: Path, *, quick: bool = False) -> Path:
     """The project in ``path``, small; ``quick``: without the `regularized` variant (the same code
     as `scratch`) and with fewer epochs, what tests/test_crash.py runs."""
-    path.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local", ".gitignore", ".dvcignore"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, path / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        params[section].update(values)
+    params = project_params(**SMALL)
     params["feature_extract"].update(image_size=32, head={**params["feature_extract"]["head"], "epochs": 4})
     params["variants"]["scratch"]["regularized"]["epochs"] = 4
     if quick:
         del params["variants"]["scratch"]["regularized"]
         params["train"]["epochs"] = params["fine_tune"]["epochs"] = params["feature_extract"]["head"]["epochs"] = 2
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-q", "-m", "project"]):
-        done = subprocess.run(_argv(cmd), cwd=path, env=_env(path), capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{cmd}: {done.stderr}")
-    return path
+    return copy_project(path, params)
 
 
 @dataclass
@@ -93,7 +76,7 @@ def dvc(ws: Path, *args: str, stage: str | None = None, kill_after: float | None
         kill_dvc_too: bool = False, timeout: float = 900) -> Attempt:
     """Run ``dvc *args``; with ``stage``, watch that stage's process and, after ``kill_after``
     seconds of its life, SIGKILL it (and with ``kill_dvc_too`` the whole dvc process group)."""
-    proc = subprocess.Popen(_argv(["dvc", *args]), cwd=ws, env=_env(ws), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(tool_argv(["dvc", *args]), cwd=ws, env=tool_env(ws), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     attempt = Attempt(returncode=-1, output="")
     if stage is not None:
@@ -133,8 +116,8 @@ def _find_process(ws: Path, script: str) -> int | None:
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if script.encode() in argv and Path(os.readlink(entry / "cwd")) == ws:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if script.encode() in cmdline and Path(os.readlink(entry / "cwd")) == ws:
                 return int(entry.name)
         except OSError:
             continue
@@ -261,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         report.check(f"SIGKILL {stage}, dvc repro (run cache)", problems, f"killed at {at:.1f} s")
 
         # Two at once: the second stops on DVC's lock, the first finishes.
-        first = subprocess.Popen(_argv(["dvc", "repro", "-f", "-s", "train@scratch"]), cwd=ws, env=_env(ws),
+        first = subprocess.Popen(tool_argv(["dvc", "repro", "-f", "-s", "train@scratch"]), cwd=ws, env=tool_env(ws),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         while _find_process(ws, "pipeline/train.py") is None and first.poll() is None:
             time.sleep(0.05)
@@ -295,20 +278,6 @@ def main(argv: list[str] | None = None) -> int:
 def _lock_line(output: str) -> str:
     lines = output.splitlines()
     return next((line.strip() for line in lines if any(m in line for m in LOCK_MESSAGES)), output.strip()[-120:])
-
-
-def _argv(cmd: list[str]) -> list[str]:
-    exe = BIN / cmd[0]
-    return [str(exe) if exe.exists() else cmd[0], *cmd[1:]]
-
-
-def _env(ws: Path) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ws / "src"),
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "c", "GIT_AUTHOR_EMAIL": "c@example.com",
-           "GIT_COMMITTER_NAME": "c", "GIT_COMMITTER_EMAIL": "c@example.com"}
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        env.pop(var, None)  # the workspace's own default store
-    return env
 
 
 if __name__ == "__main__":

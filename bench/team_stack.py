@@ -12,7 +12,6 @@ machine, the times are wall-clock.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -20,10 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from project_copy import BIN, REPO, copy_project, project_params, tool_env
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "src"))
 
 from cnnlab.stack import Stack  # noqa: E402
@@ -35,35 +32,16 @@ SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_p
 
 
 def workspace(path: Path) -> Path:
-    path.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local", ".gitignore", ".dvcignore"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, path / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        params[section].update(values)
+    params = project_params(**SMALL)
     params["feature_extract"].update(image_size=32, head={**params["feature_extract"]["head"], "epochs": 3})
     params["variants"]["scratch"]["regularized"]["epochs"] = 3
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q", "-b", "main"], [BIN / "dvc", "init", "-q"],
-                [BIN / "dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
-                ["git", "commit", "-q", "-m", "project"]):
-        run(path, *cmd)
-    return path
+    return copy_project(path, params)
 
 
 def run(cwd: Path, *cmd, env: dict[str, str] | None = None) -> float:
     """Run ``cmd``; its wall-clock seconds. Stops the benchmark with the output when it fails."""
-    base = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd / "src"),
-            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@example.com",
-            "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@example.com", "PYTHONDONTWRITEBYTECODE": ""}
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        base.pop(var, None)
     t0 = time.perf_counter()
-    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env={**base, **(env or {})}, capture_output=True,
+    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=tool_env(cwd, env), capture_output=True,
                           text=True)
     if done.returncode != 0:
         sys.exit(f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# The benchmarks' helpers (bench/project_copy.py, the load clients) serve the slow tests too.
+sys.path.insert(0, str(REPO / "bench"))
 
 
 def use_mlflow_store(mp: pytest.MonkeyPatch, root: Path) -> str:

@@ -156,8 +156,12 @@ def test_frozen_blocks_with_dropout_or_too_big_for_memory_are_not_cached(start: 
     from cnnlab.hardware import resolve_runtime
 
     clf, _ = load_classifier(start)
-    rt = resolve_runtime(device="cpu", precision="fp32")
     sample = torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8)
+    # bf16 too, whatever this CPU has (what `auto` picks where it is native): its cached outputs
+    # are bf16 and must go through the rest of the net as training runs it, under autocast.
+    for precision in ("bf16", "fp32"):
+        rt = resolve_runtime(device="cpu", precision=precision)
+        assert prefix_cacheable(clf, ["conv_stem", "bn1", "blocks.0", "blocks.1"], sample, rt=rt) is None, precision
     assert prefix_cacheable(clf, ["conv_stem", "bn1"], sample, rt=rt) is None
     assert "GiB of memory" in prefix_cacheable(clf, ["conv_stem", "bn1"], sample, rt=rt, images=10**7)
     clf.net.features.bn1.add_module("drop", torch.nn.Dropout(0.1))  # a random op in a frozen block

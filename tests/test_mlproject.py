@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, make_image_folder, use_mlflow_store
+from conftest import make_image_folder, use_mlflow_store
+from project_copy import copy_project, project_params
 
 pytestmark = pytest.mark.slow  # `dvc repro` and two `mlflow run` processes
 
@@ -35,20 +35,9 @@ SMALL = {"download": {"source": "local", "local_dir": "data/local"},
 def _workspace(root: Path) -> Path:
     """The project's pipeline, code, MLproject and params (`SMALL` on top), with colour photos in
     data/local, as a DVC repository without git."""
-    ws = root / "ws"
-    ws.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", ".dvcignore", "MLproject", "python_env.yaml"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, ws / name)
+    ws = copy_project(root / "ws", project_params(**SMALL), git=False,
+                      names=("dvc.yaml", "pipeline", "src", ".dvcignore", "MLproject", "python_env.yaml"))
     make_image_folder(ws / "data" / "local", CLASSES, size=(24, 20), mode="RGB")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        params[section].update(values)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=ws, check=True)
     return ws
 
 

@@ -4,40 +4,26 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO
+from project_copy import copy_project, project_params, tool_argv, tool_env
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
-
 
 def _workspace(tmp_path: Path, **overrides: dict) -> Path:
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "pipeline", "src", "data/local", ".dvcignore"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=ws, check=True)
-    return ws
+    return copy_project(tmp_path / "ws", project_params(**overrides), git=False,
+                        names=("dvc.yaml", "pipeline", "src", "data/local", ".dvcignore"))
 
 
 def _dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ws / "src")}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the stages' default: sqlite:///mlflow.db in the workspace
-    return subprocess.run([BIN / "dvc", *args], cwd=ws, env=env, capture_output=True, text=True,
+    # tool_env: the stages' default store, sqlite:///mlflow.db in the workspace
+    return subprocess.run(tool_argv(["dvc", *args]), cwd=ws, env=tool_env(ws), capture_output=True, text=True,
                           timeout=1800)  # generous: the machine may be shared and loaded
 
 

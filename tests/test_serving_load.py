@@ -7,19 +7,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import sys
 from collections.abc import Iterator
 
 import mlflow
 import pandas as pd
 import pytest
 
-from conftest import REPO, use_mlflow_store
+import serving_load as sl  # bench/, on sys.path by conftest
+from conftest import use_mlflow_store
+from serving_latency import free_port, start_server, stop_server
 from tiny_model import encode, register_tiny
-
-sys.path.insert(0, str(REPO / "bench"))
-import serving_load as sl  # noqa: E402
-from serving_latency import free_port, start_server, stop_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
