@@ -52,25 +52,26 @@ def _call_in_threads(coalescer: Coalescer, inputs: list[torch.Tensor], gate: _Ga
     return results
 
 
-def test_calls_that_wait_during_a_pass_run_together_and_each_gets_its_own_rows():
+def _each_gets_its_own_rows(max_rows: int, rows: list[int], width: int) -> tuple[_Gated, list[torch.Tensor]]:
+    """Calls of ``rows`` rows each (call i filled with i), one per thread, through a Coalescer of
+    ``max_rows``: every call must get back its own rows, times 10. Returns the gate's passes' record."""
     gate = _Gated()
-    coalescer = Coalescer(gate, max_rows=64)
-    inputs = [torch.full((n, 2), float(i)) for i, n in enumerate([1, 3, 1, 16, 2], start=1)]
-    results = _call_in_threads(coalescer, inputs, gate)
+    inputs = [torch.full((n, width), float(i)) for i, n in enumerate(rows, start=1)]
+    results = _call_in_threads(Coalescer(gate, max_rows=max_rows), inputs, gate)
     for x, y in zip(inputs, results):
         assert torch.equal(y, x * 10)
+    return gate, inputs
+
+
+def test_calls_that_wait_during_a_pass_run_together_and_each_gets_its_own_rows():
+    gate, inputs = _each_gets_its_own_rows(64, [1, 3, 1, 16, 2], width=2)
     assert gate.passes[0] == [1.0]
     assert sorted(gate.passes[1]) == sorted(v for x in inputs[1:] for v in x[:, 0].tolist())  # one pass
     assert len(gate.passes) == 2
 
 
 def test_passes_hold_at_most_max_rows_but_a_bigger_call_runs_alone():
-    gate = _Gated()
-    coalescer = Coalescer(gate, max_rows=4)
-    inputs = [torch.full((n, 1), float(i)) for i, n in enumerate([1, 3, 2, 9, 1], start=1)]
-    results = _call_in_threads(coalescer, inputs, gate)
-    for x, y in zip(inputs, results):
-        assert torch.equal(y, x * 10)
+    gate, _ = _each_gets_its_own_rows(4, [1, 3, 2, 9, 1], width=1)
     assert [4.0] * 9 in gate.passes  # the 9-row call, alone
     assert all(len(p) <= 4 for p in gate.passes if p != [4.0] * 9)
 

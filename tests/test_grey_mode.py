@@ -20,17 +20,9 @@ from cnnlab.data.split import read_manifest, run_split
 from cnnlab.engine import predict_logits
 from cnnlab.models.classifier import load_classifier
 from conftest import make_image_folder
-from test_training import _train
+from test_training import _train, store  # noqa: F401  (fixture)
 
 CLASSES = {"red": 10, "green": 10, "blue": 10}
-
-
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)  # the default artifact root (./mlruns) lands in the temp dir
-    return uri
 
 
 @pytest.fixture
@@ -53,7 +45,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 def test_grey_split_trains_a_one_channel_model_that_serves_colour_uploads(
-    store: str, grey_split: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: str, grey_split: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811  (the imported fixture)
 ) -> None:
     seen: dict[str, tuple[int, ...]] = {}
 

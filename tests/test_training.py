@@ -20,6 +20,7 @@ from cnnlab.data.split import read_manifest, run_split
 from cnnlab.data.tensors import TrainSet
 from cnnlab.outputs import TrainOutputs
 from cnnlab.stages.train import train_variant
+from conftest import use_mlflow_store
 
 TINY = TrainParams(epochs=2, batch_size=16, early_stopping_patience=None, arch="tinyvgg",
                    arch_kwargs={"hidden_units": 4})
@@ -27,10 +28,7 @@ TINY = TrainParams(epochs=2, batch_size=16, early_stopping_patience=None, arch="
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)  # the default artifact root (./mlruns) lands in the temp dir
-    return uri
+    return use_mlflow_store(monkeypatch, tmp_path)
 
 
 @pytest.fixture
