@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from project_copy import copy_project, project_params, tool_argv, tool_env
 
 pytestmark = pytest.mark.slow
@@ -183,15 +182,23 @@ def check_same_outputs(before: dict[str, object], after: dict[str, object]) -> N
     assert changed == [], {name: (before[name], after[name]) for name in changed}
 
 
-def test_full_repro_trains_both_variants_into_mlflow_deterministically(tmp_path: Path):
-    import mlflow
-
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One whole `dvc repro` of the default variants, tiny; the two tests below share it (a run
+    is most of their cost): the determinism test re-runs it as it was, the variants test leaves
+    it with the variants it found."""
     # train: lr 0.01 for 20 epochs, so 50 training images teach tinyvgg something (at the default
     # 0.001 for 2 epochs it stays near chance); regularized keeps its own 100 epochs.
-    ws = _workspace(tmp_path, **TINY, train={"epochs": 20, "lr": 0.01, "arch": "tinyvgg",
-                                              "arch_kwargs": {"hidden_units": 4}},
+    ws = _workspace(tmp_path_factory.mktemp("full"), **TINY,
+                    train={"epochs": 20, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
                     feature_extract={"image_size": 32}, fine_tune={"epochs": 1})
-    result = _dvc(ws, "repro")
+    return ws, _dvc(ws, "repro")
+
+
+def test_full_repro_trains_both_variants_into_mlflow_deterministically(full_run):
+    import mlflow
+
+    ws, result = full_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     shown = _dvc(ws, "metrics", "show", "--json")
     files = next(iter(json.loads(shown.stdout).values()))["data"]
@@ -245,21 +252,15 @@ def _set_variant(ws: Path, kind: str, name: str, entry: dict | None) -> None:
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_adding_a_variant_trains_only_it_and_removing_it_drops_it_everywhere(tmp_path: Path):
+def test_adding_a_variant_trains_only_it_and_removing_it_drops_it_everywhere(full_run):
     """The lenet entry of the README: added, only its stage, evaluate and register run, and it is in
     every output and in MLflow; removed, it is in none of the outputs again."""
     import mlflow
 
-    ws = _workspace(tmp_path, **TINY, train={"epochs": 3, "lr": 0.01, "arch": "tinyvgg",
-                                              "arch_kwargs": {"hidden_units": 4}},
-                    feature_extract={"image_size": 32, "head": {**yaml.safe_load(
-                        (REPO / "params.yaml").read_text())["feature_extract"]["head"], "epochs": 3}},
-                    fine_tune={"epochs": 1})
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["variants"]["scratch"]["regularized"]["epochs"] = 3
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    first = _dvc(ws, "repro")
+    ws, first = full_run
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    status = _dvc(ws, "status")
+    assert "Data and pipelines are up to date." in status.stdout + status.stderr  # what it starts from
     before = read_metrics_files(ws)
 
     _set_variant(ws, "scratch", "lenet", {"arch": "lenet5", "epochs": 2})
