@@ -162,6 +162,7 @@ def test_frozen_blocks_with_dropout_or_too_big_for_memory_are_not_cached(start: 
     for precision in ("bf16", "fp32"):
         rt = resolve_runtime(device="cpu", precision=precision)
         assert prefix_cacheable(clf, ["conv_stem", "bn1", "blocks.0", "blocks.1"], sample, rt=rt) is None, precision
+    rt = resolve_runtime(device="cpu", precision="fp32")
     assert prefix_cacheable(clf, ["conv_stem", "bn1"], sample, rt=rt) is None
     assert "GiB of memory" in prefix_cacheable(clf, ["conv_stem", "bn1"], sample, rt=rt, images=10**7)
     clf.net.features.bn1.add_module("drop", torch.nn.Dropout(0.1))  # a random op in a frozen block

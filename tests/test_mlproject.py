@@ -9,7 +9,6 @@ run also shows grey data going through the real pipeline into a one-channel mode
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 from PIL import Image
 
 from conftest import make_image_folder, use_mlflow_store
-from project_copy import copy_project, project_params
+from project_copy import copy_project, project_params, tool_env
 
 pytestmark = pytest.mark.slow  # `dvc repro` and two `mlflow run` processes
 
@@ -42,8 +41,7 @@ def _workspace(root: Path) -> Path:
 
 
 def _mlflow_run(ws: Path, uri: str, entry_point: str, **parameters: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ws / "src")}
+    env = tool_env(ws, {"MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"})
     for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
         env.pop(var, None)  # an earlier test's mlflow.set_experiment exports its (other store's) id
     args = [arg for k, v in parameters.items() for arg in ("-P", f"{k}={v}")]

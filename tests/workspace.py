@@ -7,7 +7,6 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from conftest import REPO  # noqa: F401  (conftest puts bench/ on sys.path)
 from project_copy import BIN, copy_project, project_params, tool_argv, tool_env
 
 __all__ = ["BIN", "SMALL", "commit", "git_workspace", "run"]
