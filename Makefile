@@ -40,7 +40,7 @@ data-deps:
 	    || echo "note: could not install dataset-fashion-mnist; the download stage will try the internet"; \
 	else echo "note: dataset-fashion-mnist not installed (no apt or not root); the download stage will try the internet"; fi
 
-# PostgreSQL's server binaries for `make stack` and the team-stack tests (`python -m cnnlab stack`
+# PostgreSQL's server binaries for `make stack` and the team-stack tests (`python -m cnnlab_stack`
 # finds them with pg_config, in /usr/lib/postgresql/*/bin or on PATH): Debian's postgresql, when
 # apt is here and we are root. (Its package scripts may also start a system cluster on port 5432;
 # the stack runs its own, on 15432.)
@@ -54,9 +54,9 @@ stack-deps:
 	else echo "note: PostgreSQL server binaries not found (no apt or not root); make stack needs them (the team-stack tests skip)"; fi
 
 # The team's tracking stack (PostgreSQL, SeaweedFS S3, MLflow with auth) on this machine, on
-# 127.0.0.1; prints the client variables. `python -m cnnlab stack status|env|down`: see cnnlab.stack.
+# 127.0.0.1; prints the client variables. `python -m cnnlab_stack status|env|down`: see cnnlab_stack.stack.
 stack: setup stack-deps
-	$(RUN) $(BIN)/python -m cnnlab stack up
+	$(RUN) $(BIN)/python -m cnnlab_stack up
 
 repro: setup data-deps
 	$(RUN) $(BIN)/dvc repro

@@ -60,9 +60,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from cnnlab.cli import default_model_uri
+from cnnlab.cli.predict import default_model_uri
 from cnnlab.data.split import read_manifest
-from cnnlab.tracking import tracking_uri
+from cnnlab.tracking.runs import tracking_uri
 
 # The machine helper of the sibling benchmark (bench/ is on sys.path when a script there runs).
 sys.path.insert(0, str(Path(__file__).resolve().parent))

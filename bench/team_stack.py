@@ -23,7 +23,7 @@ from project_copy import BIN, REPO, copy_project, project_params, tool_env
 
 sys.path.insert(0, str(REPO / "src"))
 
-from cnnlab.stack import Stack  # noqa: E402
+from cnnlab_stack.stack import Stack  # noqa: E402
 
 SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4},
          "augment": {"copies": 1, "preview_images": 3},

@@ -16,7 +16,7 @@ are trained, side by side in one process, by:
   fp32 loop (Adam, CrossEntropyLoss, ``loss.item()`` and an accuracy count every batch).
 * baseline, num_workers=2: the same with two loader processes (a fairer baseline where worker
   processes are available; on a 2-core machine they compete with the training threads).
-* engine fp32: ``cnnlab.engine.fit`` on the uint8 tensor cache, fp32, NCHW: the data-path gain.
+* engine fp32: ``cnnlab.training.engine.fit`` on the uint8 tensor cache, fp32, NCHW: the data-path gain.
 * engine (params): the same with params.yaml's precision / memory layout, ``precision: auto``
   resolved as the train stage resolves it on this machine (bf16 only where the CPU has native
   bf16: AVX512-BF16 or AMX; else fp32): the data path plus the precision and layout gain.
@@ -73,8 +73,8 @@ from torchvision import datasets, transforms
 from cnnlab.config import ConfigError, TrainParams, load_params
 from cnnlab.data.split import read_manifest
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train, split_classes, split_mode
-from cnnlab.engine import fit
-from cnnlab.hardware import cpu_features, resolve_runtime
+from cnnlab.training.engine import fit
+from cnnlab.training.hardware import cpu_features, resolve_runtime
 from cnnlab.models.classifier import ModelSpec, build_classifier
 from cnnlab.models.zoo import create_model, list_models
 from cnnlab.stages.train import channel_stats

@@ -13,9 +13,9 @@ of epochs, the same engine settings for the head (``feature_extract.head`` with 
 off, so both arms run every epoch) are trained two ways, in one process:
 
 * feature_extract (how the `feature_extract` stage works): the backbone runs ONCE per training
-  and validation image (``cnnlab.features.Trunk`` + ``cnnlab.engine.predict_logits``, the calls
+  and validation image (``cnnlab.training.features.Trunk`` + ``cnnlab.training.engine.predict_logits``, the calls
   ``cached_features`` makes: bf16 autocast, channels_last, inference mode), then
-  ``cnnlab.engine.fit`` trains the head on the cached feature vectors (fp32, as
+  ``cnnlab.training.engine.fit`` trains the head on the cached feature vectors (fp32, as
   ``FeatureExtractParams.head_train_params`` sets it) and validates it on the cached val
   features every epoch.
 * naive: ``fit`` trains the whole classifier (``build_pretrained_classifier``: normalization,
@@ -65,13 +65,13 @@ from torch import nn
 
 from cnnlab.config import ConfigError, TrainParams, load_params
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train, split_mode
-from cnnlab.engine import fit, predict_logits
+from cnnlab.training.engine import fit, predict_logits
 from cnnlab.stages.fine_tune import make_before_epoch, param_groups
-from cnnlab.hardware import cpu_features, resolve_runtime
+from cnnlab.training.hardware import cpu_features, resolve_runtime
 from cnnlab.models.backbones import WeightsUnavailableError, create_backbone
 from cnnlab.models.classifier import build_pretrained_classifier
 from cnnlab.models.classifier import Classifier
-from cnnlab.features import Trunk
+from cnnlab.training.features import Trunk
 from cnnlab.stages.feature_extract import backbone_spec
 
 # The machine helpers of the sibling benchmark (bench/ is on sys.path when a script there runs).

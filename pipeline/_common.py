@@ -16,7 +16,7 @@ os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 from cnnlab.config import ConfigError, Params, Variant, load_params  # noqa: E402
 
 if TYPE_CHECKING:
-    from cnnlab.outputs import TrainOutputs
+    from cnnlab.training.outputs import TrainOutputs
 
 
 def parse(description: str, *paths: str) -> tuple[argparse.Namespace, Params]:
@@ -29,38 +29,43 @@ def parse(description: str, *paths: str) -> tuple[argparse.Namespace, Params]:
     return args, load_params(args.params)
 
 
-def run(main: Callable[[], None], *expected: type[BaseException]) -> None:
-    """Run ``main``; an expected error prints its message (no traceback) and exits with status 1.
-    If the stage is killed (SIGKILL: nothing in it runs), a watcher removes the temp files it left
-    under data/ (`cnnlab.run_guard.watch_files`)."""
+def run(main: Callable[[], None], *expected: type[BaseException],
+        explain: Callable[[BaseException], str | None] | None = None) -> None:
+    """Run ``main``; an expected error prints its message (no traceback) and exits with status 1,
+    and so does any error ``explain`` puts in words (the MLflow stages pass
+    `cnnlab.tracking.store_errors.store_error`). If the stage is killed (SIGKILL: nothing in it
+    runs), a watcher removes the temp files it left under data/ (`cnnlab.run_guard.watch_files`)."""
     from cnnlab.run_guard import watch_files
 
     guard = watch_files(Path("data").resolve())
     try:
-        _run(main, *expected)
+        _run(main, expected, explain)
     finally:
         guard.done()
 
 
-def _run(main: Callable[[], None], *expected: type[BaseException]) -> None:
+def _run(main: Callable[[], None], expected: tuple[type[BaseException], ...],
+         explain: Callable[[BaseException], str | None] | None) -> None:
     try:
         main()
     except (ConfigError, *expected) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(exc))
     except Exception as exc:
-        from cnnlab.store_errors import store_error
-
-        message = store_error(exc)
+        message = explain(exc) if explain else None
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+        fail(message)
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 1: what went wrong and what to do, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def train_outputs(args: argparse.Namespace) -> TrainOutputs:
     """The outputs every training stage writes, from its --model/--metrics/... options."""
-    from cnnlab.outputs import TrainOutputs
+    from cnnlab.training.outputs import TrainOutputs
 
     return TrainOutputs(model_dir=Path(args.model), metrics=Path(args.metrics), history=Path(args.history),
                         curves=Path(args.curves), checkpoint=Path(args.checkpoint))

@@ -7,6 +7,7 @@ from pathlib import Path
 from _common import parse, run
 
 from cnnlab.stages.evaluate import evaluate_variants
+from cnnlab.tracking.store_errors import store_error
 
 
 def main() -> None:
@@ -37,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main, FileNotFoundError, ValueError)
+    run(main, FileNotFoundError, ValueError, explain=store_error)

@@ -10,6 +10,7 @@ from _common import parse, run, train_outputs, variant
 
 from cnnlab.models.backbones import WeightsUnavailableError
 from cnnlab.stages.feature_extract import FeatureExtractConfig, feature_extract
+from cnnlab.tracking.store_errors import store_error
 from cnnlab.variants import run_params
 
 
@@ -35,8 +36,8 @@ def main() -> None:
     )
     print(json.dumps({k: result[k] for k in ("val_accuracy", "best_epoch", "epochs_run",
                                              "extract_images_per_second", "assembly_max_logit_diff",
-                                             "run_id", "model_uri")}, indent=2))
+                                             "run_id")}, indent=2))
 
 
 if __name__ == "__main__":
-    run(main, WeightsUnavailableError, FileNotFoundError, ValueError)
+    run(main, WeightsUnavailableError, FileNotFoundError, ValueError, explain=store_error)

@@ -9,8 +9,9 @@ from pathlib import Path
 from _common import parse, run, train_outputs, variant
 
 from cnnlab.config import ConfigError
-from cnnlab.distributed import relaunch
 from cnnlab.stages.fine_tune import FineTuneConfig, fine_tune
+from cnnlab.tracking.store_errors import store_error
+from cnnlab.training.distributed import relaunch
 from cnnlab.variants import run_params
 
 
@@ -39,8 +40,8 @@ def main() -> None:
     if not result:  # not rank 0 of several
         return
     print(json.dumps({k: result[k] for k in ("val_accuracy", "best_epoch", "epochs_run", "train_seconds",
-                                             "unfrozen", "run_id", "model_uri")}, indent=2))
+                                             "unfrozen", "run_id")}, indent=2))
 
 
 if __name__ == "__main__":
-    run(main, FileNotFoundError, ValueError)
+    run(main, FileNotFoundError, ValueError, explain=store_error)

@@ -7,16 +7,17 @@ from pathlib import Path
 
 from _common import parse, run
 
-from cnnlab.registry import RegistryError
 from cnnlab.stages.register import register
+from cnnlab.tracking.model_registry import RegistryError
+from cnnlab.tracking.store_errors import store_error
 
 
 def main() -> None:
-    args, params = parse(__doc__, "models", "test_metrics", "out")
-    print(register(Path(args.models), Path(args.test_metrics), Path(args.out),
+    args, params = parse(__doc__, "models", "split", "test_metrics", "out")
+    print(register(Path(args.models), Path(args.split), Path(args.test_metrics), Path(args.out),
                    stages={name: v.stage for name, v in params.resolved_variants().items()},
-                   model_name=params.registry.model_name, alias=params.registry.alias), end="")
+                   cfg=params.registry), end="")
 
 
 if __name__ == "__main__":
-    run(main, RegistryError, FileNotFoundError)
+    run(main, RegistryError, FileNotFoundError, explain=store_error)

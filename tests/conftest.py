@@ -1,5 +1,5 @@
 """Shared fixtures: real image folders and tiny IDX datasets written at test time, and a running
-team stack (`team_stack`: PostgreSQL + SeaweedFS + MLflow with auth, `cnnlab.stack`)."""
+team stack (`team_stack`: PostgreSQL + SeaweedFS + MLflow with auth, `cnnlab_stack.stack`)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def static_server(tmp_path: Path):
 
 @contextlib.contextmanager
 def stack_folder() -> Iterator[Path]:
-    """A fresh folder for a `cnnlab.stack.Stack` (its ``stack`` child), removed afterwards.
+    """A fresh folder for a `cnnlab_stack.stack.Stack` (its ``stack`` child), removed afterwards.
 
     Not pytest's tmp_path: that is mode 0700, and as root PostgreSQL runs as the ``postgres`` OS
     user, which must be able to enter every parent of the stack's folder.
@@ -119,10 +119,10 @@ def stack_folder() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def team_stack():
     """A running team stack on free loopback ports (all three ``0``), shared by the session;
-    yields the `cnnlab.stack.Stack` (``client_env()`` for MLflow clients, ``s3`` for the bucket).
+    yields the `cnnlab_stack.stack.Stack` (``client_env()`` for MLflow clients, ``s3`` for the bucket).
     Always stopped and removed at the end. Skips only when PostgreSQL's server binaries are
     missing (`make test` installs them: the Makefile's stack-deps)."""
-    from cnnlab.stack import Stack, StackError, find_postgres
+    from cnnlab_stack.stack import Stack, StackError, find_postgres
 
     try:
         find_postgres()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from cnnlab import distributed
+from cnnlab.training import distributed
 from cnnlab.config import TrainParams
-from cnnlab.engine import fit
+from cnnlab.training.engine import fit
 from test_engine import data, model
 
 

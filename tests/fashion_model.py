@@ -2,7 +2,7 @@
 
 For the served-model tests: their other checks compare the server with an in-process copy of the
 same pyfunc, which a preprocessing bug shared by both would pass. The reference here does the
-documented preprocessing (README, "Register and serve the champion"; `cnnlab.data.preprocess`)
+documented preprocessing (docs/serving.md; `cnnlab.data.preprocess`)
 in its own few lines of PIL and numpy: alpha over white, the split's one-time shrink of large
 images (Lanczos), RGB, shorter side resized to the model's size (bilinear, after Pillow's box
 pre-reduction: `reducing_gap=3`, as the project resizes), centre crop, then scaling to
@@ -28,7 +28,7 @@ from PIL import Image
 from cnnlab.data.idx import FASHION_MNIST_CLASSES
 from cnnlab.models import zoo
 from cnnlab.models.classifier import Classifier, ModelSpec, save_classifier
-from cnnlab.serving import log_classifier
+from cnnlab.serving.pyfunc import log_classifier
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # params.yaml download.fashion_mnist_dir
 # RGB on purpose (the split's color_mode: rgb), so a swap of colour channels on the way into the
@@ -101,7 +101,7 @@ def bare_net(spec: ModelSpec) -> torch.nn.Module:
 
 def reference_probabilities(model_dir: Path, images: list[bytes], max_side: int | None = MAX_SIDE) -> np.ndarray:
     """Class probabilities from a saved model folder (``spec.json`` + ``weights.pt``), computed by
-    the reference preprocessing and the bare network, not by `Classifier` or `cnnlab.serving`."""
+    the reference preprocessing and the bare network, not by `Classifier` or `cnnlab.serving.pyfunc`."""
     spec = ModelSpec(**json.loads((model_dir / "spec.json").read_text()))
     state = torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=True)
     net = bare_net(spec)

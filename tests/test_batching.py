@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from cnnlab.batching import Coalescer
+from cnnlab.serving.batching import Coalescer
 
 
 class _Gated:

@@ -16,13 +16,13 @@ import yaml
 
 from conftest import REPO
 
-from cnnlab import doctor
+from cnnlab.cli import doctor
 from cnnlab.config import load_params
-from cnnlab.hardware import resolve_device, resolve_precision
+from cnnlab.training.hardware import resolve_device, resolve_precision
 from cnnlab.models import backbones
 
 STAGES = ("train", "feature_extract", "fine_tune", "evaluate")
-# What --json documents (cnnlab.doctor's docstring); stages/data/weights need a valid params file.
+# What --json documents (cnnlab.cli.doctor's docstring); stages/data/weights need a valid params file.
 JSON_KEYS = {"params", "versions", "devices", "stages", "mlflow", "data", "weights", "problems", "warnings", "ok"}
 
 

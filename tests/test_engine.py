@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet
-from cnnlab.engine import FocalLoss, balanced_class_weights, fit, validate, load_checkpoint, make_criterion
+from cnnlab.training.engine import FocalLoss, balanced_class_weights, fit, validate, load_checkpoint, make_criterion
 from cnnlab.models.classifier import ModelSpec, build_classifier
 
 FAST = dict(epochs=4, batch_size=16, early_stopping_patience=None, precision="fp32", channels_last=False)
@@ -519,8 +519,8 @@ import sys, json, torch
 sys.path.insert(0, {tests!r})
 from test_engine import data, model, FAST
 from cnnlab.config import TrainParams
-from cnnlab.engine import fit
-import cnnlab.engine as engine
+from cnnlab.training.engine import fit
+import cnnlab.training.engine as engine
 slow = int(sys.argv[2])
 if slow:  # give the parent time to kill us between epochs
     real = engine.validate
@@ -557,7 +557,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path):
 
 def test_checkpoint_round_trips_scaler_and_rng_state(tmp_path: Path):
     """What a GPU run needs to resume exactly: the GradScaler's scale and the RNG states."""
-    from cnnlab.engine import _Progress, _restore, _save_checkpoint
+    from cnnlab.training.engine import _Progress, _restore, _save_checkpoint
 
     m = model()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)

@@ -21,8 +21,8 @@ from test_transfer import split_dir  # noqa: F401  (fixture)
 
 from cnnlab.data.split import run_split
 from cnnlab.data.tensors import load_split, split_classes
-from cnnlab.engine import predict_logits
-from cnnlab.scoring import (
+from cnnlab.training.engine import predict_logits
+from cnnlab.evaluation.scoring import (
     VariantResult,
     best_by_validation,
     bootstrap_interval,
@@ -39,7 +39,7 @@ from cnnlab.scoring import (
     score,
 )
 from cnnlab.models.classifier import ModelSpec, build_classifier, load_classifier, save_classifier
-from cnnlab.tracking import tracked_run
+from cnnlab.tracking.runs import tracked_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.data.fetch import ChecksumError, DownloadError, download, file_digest, verify_digest
+from cnnlab.data.fetch import ChecksumError, DownloadError, download, verify_digest
+from cnnlab.files import file_digest
 
 PAYLOAD = os.urandom(300 * 1024) + b"<html> inside binary data is fine"
 HTML = b"<!DOCTYPE html>\n<html><head><title>Download page</title></head><body>click</body></html>\n"

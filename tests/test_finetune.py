@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from cnnlab.config import FineTuneParams
-from cnnlab.engine import load_checkpoint
+from cnnlab.training.engine import load_checkpoint
 from cnnlab.stages.fine_tune import FineTuneConfig, active_blocks, fine_tune, param_groups
 from cnnlab.models.classifier import load_classifier
-from cnnlab.outputs import TrainOutputs
+from cnnlab.training.outputs import TrainOutputs
 from test_transfer import _run, split_dir  # noqa: F401  (fixture)
 
 CFG = FineTuneParams(epochs=2, batch_size=16, early_stopping_patience=None, lr=0.001).train_params()
@@ -79,10 +79,10 @@ RESUME = """
 import sys, json, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-import cnnlab.engine as engine
+import cnnlab.training.engine as engine
 from cnnlab.config import FineTuneParams
 from cnnlab.stages.fine_tune import FineTuneConfig, fine_tune
-from cnnlab.outputs import TrainOutputs
+from cnnlab.training.outputs import TrainOutputs
 slow = float(sys.argv[2])
 real = engine.validate
 def evaluate(*a, **k):
@@ -152,8 +152,8 @@ def test_cached_frozen_blocks_train_the_same_model_as_running_them(split_dir: Pa
 
 
 def test_frozen_blocks_with_dropout_or_too_big_for_memory_are_not_cached(start: Path):
-    from cnnlab.prefix_cache import prefix_cacheable
-    from cnnlab.hardware import resolve_runtime
+    from cnnlab.training.prefix_cache import prefix_cacheable
+    from cnnlab.training.hardware import resolve_runtime
 
     clf, _ = load_classifier(start)
     sample = torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8)

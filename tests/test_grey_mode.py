@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab import engine
+from cnnlab.training import engine
 from cnnlab.data.preprocess import prepare
 from cnnlab.data.split import read_manifest, run_split
-from cnnlab.engine import predict_logits
+from cnnlab.training.engine import predict_logits
 from cnnlab.models.classifier import load_classifier
 from conftest import make_image_folder
+from helpers.served import publish_variant
 from test_training import _train, store  # noqa: F401  (fixture)
 
 CLASSES = {"red": 10, "green": 10, "blue": 10}
@@ -70,7 +71,7 @@ def test_grey_split_trains_a_one_channel_model_that_serves_colour_uploads(
     colour = [(grey_split.parent / "raw" / r["source"]).read_bytes() for r in rows]
     with Image.open(io.BytesIO(colour[0])) as im:
         assert im.mode == "RGB"
-    served = mlflow.pyfunc.load_model(result["model_uri"]).predict(pd.DataFrame({"image": colour}))
+    served = mlflow.pyfunc.load_model(publish_variant(result["run_id"], out.model_dir, grey_split)).predict(pd.DataFrame({"image": colour}))
     grey = []
     for r in rows:
         with Image.open(r["path"]) as im:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnnlab import hardware
-from cnnlab.hardware import CpuFeatures, resolve_device, resolve_precision, resolve_runtime
+from cnnlab.training import hardware
+from cnnlab.training.hardware import CpuFeatures, resolve_device, resolve_precision, resolve_runtime
 
 AVX2 = CpuFeatures(avx2=True, avx512=False, avx512_bf16=False, amx=False, capability="AVX2")
 AVX512_BF16 = CpuFeatures(avx2=True, avx512=True, avx512_bf16=True, amx=False, capability="AVX512")

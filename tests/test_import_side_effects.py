@@ -38,7 +38,7 @@ def test_importing_every_module_changes_no_global_state() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     # every module was imported, not a few that happened to be clean
-    assert {"cnnlab.figures", "cnnlab.data.augment", "cnnlab.serving", "cnnlab.pyfunc_model",
+    assert {"cnnlab.evaluation.figures", "cnnlab.data.augment", "cnnlab.serving.pyfunc", "cnnlab.serving.pyfunc_model",
             "cnnlab.models.zoo"} <= set(got["imported"])
     assert got["backend"] == "pdf"
     assert got["threads"] == 1

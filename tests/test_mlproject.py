@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 from conftest import make_image_folder, use_mlflow_store
+from helpers.served import publish_variant
 from project_copy import copy_project, project_params, tool_env
 
 pytestmark = pytest.mark.slow  # `dvc repro` and two `mlflow run` processes
@@ -82,10 +83,11 @@ def test_train_and_predict_entry_points_on_a_grey_split(tmp_path: Path, monkeypa
     assert stage_run.info.status == "FINISHED" and stage_run.data.tags["stage"] == "train@scratch"
     assert client.get_experiment(stage_run.info.experiment_id).name == "cnnlab"
 
+    model_uri = publish_variant(info["run_id"], ws / "data" / "models" / "scratch", ws / "data" / "split")
     photos = tmp_path / "photos"
     make_image_folder(photos, {"x": 3}, size=(30, 26), mode="RGB")
-    done = _mlflow_run(ws, uri, "predict", path=str(photos), model=info["model_uri"])
-    want = mlflow.pyfunc.load_model(info["model_uri"]).predict(
+    done = _mlflow_run(ws, uri, "predict", path=str(photos), model=model_uri)
+    want = mlflow.pyfunc.load_model(model_uri).predict(
         pd.DataFrame({"image": [p.read_bytes() for p in sorted((photos / "x").iterdir())]}))
     table = {cells[0]: cells for line in done.stdout.splitlines() if (cells := line.split())}
     for path, label, confidence in zip(sorted((photos / "x").iterdir()), want["label"], want["confidence"]):
@@ -93,4 +95,4 @@ def test_train_and_predict_entry_points_on_a_grey_split(tmp_path: Path, monkeypa
         assert row[1] == label and float(row[2]) == pytest.approx(confidence, abs=1e-4), done.stdout
     predict = _project_run(client, "predict")
     assert predict.info.status == "FINISHED"
-    assert predict.data.params == {"path": str(photos), "model": info["model_uri"]}
+    assert predict.data.params == {"path": str(photos), "model": model_uri}

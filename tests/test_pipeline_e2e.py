@@ -124,9 +124,9 @@ def check_test_beats_chance(evaluated: dict) -> str:
 def check_champion(ws: Path, client, runs: dict[str, str], evaluated: dict) -> None:
     """The alias is on the variant the project's own rule (`choose_champion`, as the register stage
     calls it) picks from the stage outputs; that pick must have the best validation accuracy, and
-    be the first such variant in params order (README: a tie goes to the variant listed first), so
+    be the first such variant in params order (docs/serving.md: a tie goes to the variant listed first), so
     a broken rule fails here rather than being agreed with. evaluate compared the ensemble with it."""
-    from cnnlab.registry import choose_champion, read_candidate
+    from cnnlab.tracking.model_registry import choose_champion, read_candidate
 
     registry = json.loads((ws / "data/registry.json").read_text())
     val = {v: json.loads((ws / f"data/metrics/{v}.json").read_text())["val_accuracy"] for v in VARIANTS}
@@ -152,7 +152,7 @@ def read_metrics_files(ws: Path, files: tuple[str, ...] = METRICS_FILES) -> dict
 # Fields of the compared outputs that legitimately differ between two runs, named so that nothing
 # else is let off. History: epoch_seconds is wall-clock time. registry.json: a forced re-run trains
 # new MLflow runs, which get new version numbers. The DVC metrics files have none: their writers
-# keep timings out of them (cnnlab.outputs.record_variant; evaluate's _dvc_metrics).
+# keep timings out of them (cnnlab.training.outputs.record_variant; evaluate's _dvc_metrics).
 RUN_DEPENDENT = {"history.csv": ("epoch_seconds",), "data/registry.json": ("champion_version", "versions")}
 
 

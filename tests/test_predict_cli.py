@@ -18,7 +18,7 @@ import pytest
 from conftest import use_mlflow_store
 from tiny_model import encode, register_tiny
 
-from cnnlab.cli import DEFAULT_MODEL_URI, Outcome, default_model_uri, find_images, format_table
+from cnnlab.cli.predict import DEFAULT_MODEL_URI, Outcome, default_model_uri, find_images, format_table
 
 
 @dataclass

@@ -4,6 +4,7 @@ accuracy only, idempotent re-runs, and clear errors."""
 from __future__ import annotations
 
 import io
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,9 +20,9 @@ from PIL import Image
 
 from conftest import use_mlflow_store
 from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
-from cnnlab.registry import Candidate, RegistryError, choose_champion, read_candidate, register_variants
-from cnnlab.serving import log_classifier
-from cnnlab.tracking import tracked_run
+from cnnlab.tracking.model_registry import Candidate, RegistryError, choose_champion, read_candidate, register_variants
+from cnnlab.serving.pyfunc import log_classifier
+from cnnlab.tracking.runs import tracked_run
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]
@@ -41,10 +42,13 @@ def log_variant(root: Path, variant: str, val_accuracy: float) -> Candidate:
     save_classifier(build_classifier(spec), spec, model_dir)
     with tracked_run(experiment="reg-test", run_name=variant, tags={"variant": variant}, params={}) as run:
         info = log_classifier(model_dir, example_images=[_png(0)])
-    (model_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "model_uri": info.model_uri,
-                                                     "val_accuracy": val_accuracy}))
+    (model_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "val_accuracy": val_accuracy}))
     (root / "metrics").mkdir(exist_ok=True)
-    return read_candidate(variant, model_dir, None)
+    split = root / "split"  # what the register stage reads for the served model's input example
+    (split / "images").mkdir(parents=True, exist_ok=True)
+    (split / "images" / "a.png").write_bytes(_png(1))
+    (split / "val.csv").write_text("path,label,class,source\nimages/a.png,0,0,a.png\n")
+    return dataclasses.replace(read_candidate(variant, model_dir, None), model_uri=info.model_uri)
 
 
 @pytest.fixture
@@ -54,10 +58,10 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
 
 
 def test_champion_is_chosen_by_validation_never_by_test() -> None:
-    a = Candidate("a", "r1", "models:/m-1", val_accuracy=0.90, test_accuracy=0.80)
-    b = Candidate("b", "r2", "models:/m-2", val_accuracy=0.85, test_accuracy=0.99)
+    a = Candidate("a", "r1", model_uri="models:/m-1", val_accuracy=0.90, test_accuracy=0.80)
+    b = Candidate("b", "r2", model_uri="models:/m-2", val_accuracy=0.85, test_accuracy=0.99)
     assert choose_champion([a, b]).variant == "a"
-    tie = Candidate("c", "r3", "models:/m-3", val_accuracy=0.90, test_accuracy=0.95)
+    tie = Candidate("c", "r3", model_uri="models:/m-3", val_accuracy=0.90, test_accuracy=0.95)
     assert choose_champion([a, tie]).variant == "a"  # a tie goes to the first listed
     assert choose_champion([tie, a]).variant == "c"
     with pytest.raises(RegistryError, match="no variants"):
@@ -109,7 +113,7 @@ def test_an_experiment_registers_its_versions_but_leaves_the_alias(store: Mlflow
 
 
 def test_a_run_missing_from_the_store_is_a_clear_error(store: MlflowClient) -> None:
-    ghost = Candidate("scratch", "0" * 32, "models:/m-0123", val_accuracy=0.5)
+    ghost = Candidate("scratch", "0" * 32, model_uri="models:/m-0123", val_accuracy=0.5)
     with pytest.raises(RegistryError, match=r"run 0{32} is not in the tracking store.*train@scratch"):
         register_variants(store, "clf", "champion", [ghost])
 
@@ -121,7 +125,7 @@ def _stage(tmp_path: Path, *variants: str) -> subprocess.CompletedProcess:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return subprocess.run(
         [sys.executable, str(REPO / "pipeline" / "register.py"), "--params", "params.yaml", "--models", "models",
-         "--test-metrics", "metrics/evaluate.json", "--out", "registry.json"],
+         "--split", "split", "--test-metrics", "metrics/evaluate.json", "--out", "registry.json"],
         cwd=tmp_path, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
 
 

@@ -15,12 +15,12 @@ import mlflow
 import pytest
 
 from cnnlab import run_guard
-from cnnlab.tracking import tracked_run
+from cnnlab.tracking.runs import tracked_run
 from conftest import use_mlflow_store
 
 _STAGE = r"""
 import sys, time
-from cnnlab.tracking import tracked_run
+from cnnlab.tracking.runs import tracked_run
 with tracked_run(experiment="exp", run_name="victim", tags={}, params={"a": 1}) as run:
     print(run.info.run_id, flush=True)
     time.sleep(600)

@@ -32,8 +32,8 @@ from cnnlab.models.classifier import (
     register_kind,
     save_classifier,
 )
-from cnnlab.serving import SCORING_SERVER_ENV, log_classifier, predict_images
-from cnnlab.tracking import tracked_run
+from cnnlab.serving.pyfunc import SCORING_SERVER_ENV, log_classifier, predict_images
+from cnnlab.tracking.runs import tracked_run
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]

@@ -1,4 +1,4 @@
-"""`python -m cnnlab stack`, for real: PostgreSQL, SeaweedFS and an MLflow server with basic auth,
+"""`python -m cnnlab_stack`, for real: PostgreSQL, SeaweedFS and an MLflow server with basic auth,
 started, checked, half-killed, restarted and stopped; what listens where; a run whose artifact
 lands in the bucket; S3 and MLflow refusing requests without (the right) credentials; the DVC
 remote. Most tests share the session's `team_stack` (conftest); the lifecycle test has its own.
@@ -25,7 +25,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from cnnlab.stack import BUCKET, Stack
+from cnnlab_stack.stack import BUCKET, Stack
 from conftest import stack_folder
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ ANY_PORT = ["--mlflow-port", "0", "--pg-port", "0", "--s3-port", "0"]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cnnlab", "stack", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cnnlab_stack", *args], capture_output=True, text=True,
                           timeout=600, cwd=cwd)
 
 
@@ -67,7 +67,7 @@ def test_cli_up_twice_restart_one_piece_down(tmp_path: Path) -> None:
             assert stack.client_env()["MLFLOW_TRACKING_USERNAME"] == "admin"
             assert len(stack.client_env()["MLFLOW_TRACKING_PASSWORD"]) >= 12
             assert stat.S_IMODE((folder / "stack.json").stat().st_mode) == 0o600
-            env_cmd = shlex.join([sys.executable, "-m", "cnnlab", "stack", "env", "--dir", str(folder)])
+            env_cmd = shlex.join([sys.executable, "-m", "cnnlab_stack", "env", "--dir", str(folder)])
             shell = f'eval "$({env_cmd})"; echo "$MLFLOW_TRACKING_URI $MLFLOW_TRACKING_USERNAME"'
             echoed = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, cwd=tmp_path)
             assert echoed.stdout.split() == [stack.client_env()["MLFLOW_TRACKING_URI"], "admin"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab.engine import _atomic_save, load_checkpoint
-from cnnlab.features import FeatureCache
+from cnnlab.training.engine import _atomic_save, load_checkpoint
+from cnnlab.training.features import FeatureCache
 from cnnlab.models.classifier import load_classifier
 from tiny_model import train_tiny
 

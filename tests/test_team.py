@@ -1,4 +1,4 @@
-"""The pipeline against the team stack (`cnnlab.stack`: MLflow server with basic auth, PostgreSQL,
+"""The pipeline against the team stack (`cnnlab_stack.stack`: MLflow server with basic auth, PostgreSQL,
 artifacts in SeaweedFS through the server's proxy): every stage, the training stages as two
 torchrun processes, serving the champion, the predict CLI, clear auth errors, and the bucket as a
 DVC remote (push, clone, pull, no-op repro)."""
@@ -119,7 +119,7 @@ def test_the_pipeline_runs_against_the_team_server_and_the_bucket_is_a_dvc_remot
         assert json.loads(predicted.stdout)["label"] == served["label"]
 
     # The bucket as the DVC remote: push, then a teammate's clone pulls and has nothing to run.
-    run(ws, "python", "-m", "cnnlab", "stack", "dvc-remote", "--dir", str(team_stack.dir))
+    run(ws, "python", "-m", "cnnlab_stack", "dvc-remote", "--dir", str(team_stack.dir))
     assert "secret_access_key" not in (ws / ".dvc/config").read_text()
     commit(ws, "remote")
     started = time.perf_counter()
@@ -127,7 +127,7 @@ def test_the_pipeline_runs_against_the_team_server_and_the_bucket_is_a_dvc_remot
     print(f"dvc push: {time.perf_counter() - started:.1f} s ({pushed.stdout.strip().splitlines()[-1]})")
     clone = tmp_path / "clone"
     run(tmp_path, "git", "clone", "-q", str(ws), str(clone))
-    run(clone, "python", "-m", "cnnlab", "stack", "dvc-remote", "--dir", str(team_stack.dir))
+    run(clone, "python", "-m", "cnnlab_stack", "dvc-remote", "--dir", str(team_stack.dir))
     started = time.perf_counter()
     pulled = run(clone, "dvc", "pull")
     print(f"dvc pull: {time.perf_counter() - started:.1f} s ({pulled.stdout.strip().splitlines()[-1]})")

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from cnnlab.tracking import (
+from cnnlab.tracking.runs import (
     Terminated,
     flatten,
     git_commit,
@@ -168,11 +168,11 @@ def test_many_and_long_params_fit_mlflow_limits(
     # Resuming with the same long value must not count as a changed param (the comparison is
     # against the truncated value MLflow holds); new params are added, the old ones kept.
     more = {**params, "resumed_from": "ckpt-1"}
-    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking.runs"):
         with tracked_run(experiment="exp", run_name="big", tags={}, params=more, run_id=run_id) as again:
             mlflow.log_metric("loss", 0.5, step=1)
     assert again.info.run_id == run_id
-    assert not [r for r in caplog.records if r.name == "cnnlab.tracking"], caplog.text
+    assert not [r for r in caplog.records if r.name == "cnnlab.tracking.runs"], caplog.text
     got = client.get_run(run_id)
     assert got.info.status == "FINISHED"
     assert got.data.params == {**logged, "resumed_from": "ckpt-1"}
@@ -211,7 +211,7 @@ def test_sigterm_kills_a_real_process_and_its_run(
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from cnnlab.tracking import tracked_run\n"
+        "from cnnlab.tracking.runs import tracked_run\n"
         "with tracked_run(experiment='exp', run_name='victim', tags={}, params={'a': 1}) as run:\n"
         "    Path(sys.argv[1]).write_text(run.info.run_id)\n"
         "    time.sleep(120)\n"

@@ -13,14 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab import engine
+from cnnlab.training import engine
 from cnnlab.config import AugmentParams, ColorJitterParams, TrainParams
 from cnnlab.data.augment import run_augment
 from cnnlab.data.split import read_manifest, run_split
 from cnnlab.data.tensors import TrainSet
-from cnnlab.outputs import TrainOutputs
+from cnnlab.training.outputs import TrainOutputs
 from cnnlab.stages.train import train_variant
 from conftest import use_mlflow_store
+from helpers.served import publish_variant
 
 TINY = TrainParams(epochs=2, batch_size=16, early_stopping_patience=None, arch="tinyvgg",
                    arch_kwargs={"hidden_units": 4})
@@ -67,8 +68,15 @@ def test_train_variant_writes_outputs_and_a_complete_mlflow_run(store: str, data
     metrics = json.loads(out.metrics.read_text())
     assert set(metrics) == {"val_accuracy", "val_loss", "best_epoch", "epochs_run", "stopped_early", "parameters"}
     assert len(pd.read_csv(out.history)) == 2
+    # the run holds the trained files; `register` makes the servable pyfunc from them, once
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "classifier")}
+    assert files == {"classifier/spec.json", "classifier/weights.pt"}
+    uri = publish_variant(result["run_id"], out.model_dir, split)
+    assert publish_variant(result["run_id"], out.model_dir, split) == uri  # reused, not logged twice
+    after = mlflow.MlflowClient().get_run(result["run_id"])
+    assert after.info.status == "FINISHED" and after.data.tags["params_hash"] == run.data.tags["params_hash"]
     # the logged model serves the raw PNG bytes of a validation image
-    model = mlflow.pyfunc.load_model(result["model_uri"])
+    model = mlflow.pyfunc.load_model(uri)
     rows = read_manifest(split, "val")[:3]
     pred = model.predict(pd.DataFrame({"image": [Path(r["path"]).read_bytes() for r in rows]}))
     assert list(pred.columns[:3]) == ["label", "label_id", "confidence"] and len(pred) == 3

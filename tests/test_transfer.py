@@ -12,8 +12,9 @@ import torch
 
 from cnnlab.config import HeadParams, TrainParams
 from cnnlab.data.split import read_manifest, run_split
-from cnnlab.outputs import TrainOutputs
+from cnnlab.training.outputs import TrainOutputs
 from cnnlab.stages.feature_extract import FeatureExtractConfig, feature_extract
+from helpers.served import publish_variant
 
 HEAD = TrainParams(**HeadParams(epochs=5, early_stopping_patience=None).model_dump(), precision="fp32",
                    channels_last=False)
@@ -50,7 +51,7 @@ def test_features_once_head_trained_model_serves_raw_images(split_dir: Path, tmp
     run = mlflow.MlflowClient().get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["variant"] == "feature_extract"
     assert json.loads(out.metrics.read_text())["epochs_run"] == 5
-    model = mlflow.pyfunc.load_model(result["model_uri"])
+    model = mlflow.pyfunc.load_model(publish_variant(result["run_id"], out.model_dir, split_dir))
     rows = read_manifest(split_dir, "val")[:4]
     pred = model.predict(pd.DataFrame({"image": [Path(r["path"]).read_bytes() for r in rows]}))
     assert len(pred) == 4 and pred["probabilities"].map(lambda p: abs(sum(p.values()) - 1) < 1e-6).all()

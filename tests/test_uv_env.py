@@ -5,7 +5,7 @@ platforms install that file into an empty environment, and nothing else: so a sc
 a transfer model (which needs timm) are logged for real, and the slow test has
 `mlflow models predict --env-manager uv` build each one's environment and predict, against the
 pyfunc's prediction here on the same real images. The fast tests read the requirements, and
-check how `cnnlab.model_env` reads them off the code on a package made up for it.
+check how `cnnlab.serving.model_env` reads them off the code on a package made up for it.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from conftest import REPO, use_mlflow_store
 from tiny_model import encode, train_tiny
 
 from cnnlab.data.preprocess import prepare
-from cnnlab.model_env import UnresolvedImportError, served_requirements
+from cnnlab.serving.model_env import UnresolvedImportError, served_requirements
 from cnnlab.models.classifier import ModelSpec, build_pretrained_classifier, save_classifier
-from cnnlab.serving import log_classifier
+from cnnlab.serving.pyfunc import log_classifier
 
 CLASSES = ["dark", "mid", "bright"]
 CHAMPION_NAME = "uv-env-classifier"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from cnnlab.data.preprocess import prepare
 from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
-from cnnlab.serving import log_classifier
+from cnnlab.serving.pyfunc import log_classifier
 
 CLASSES = ["dark", "mid", "bright"]
 SPEC = ModelSpec(

@@ -1,5 +1,5 @@
-"""``python -m cnnlab``: see `cnnlab.cli`."""
+"""``python -m cnnlab``: see `cnnlab.cli.main`."""
 
-from cnnlab.cli import main
+from cnnlab.cli.main import main
 
 raise SystemExit(main())

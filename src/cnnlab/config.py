@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PerClassCap = Annotated[int, Field(ge=1)] | None
-# auto: resolved from the hardware's capabilities when a stage starts (cnnlab.hardware).
+# auto: resolved from the hardware's capabilities when a stage starts (cnnlab.training.hardware).
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -91,3 +92,27 @@ def write_csv(path: Path, fieldnames: Sequence[str], rows: Iterable[dict[str, An
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+_CHUNK = 1 << 20
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of ``path``, streamed in 1 MiB chunks so big files never sit in memory."""
+    h = hashlib.new(algorithm)
+    _update(h, path)
+    return h.hexdigest()
+
+
+def files_digest(*paths: Path) -> str:
+    """Short fingerprint of the files' contents, in order: equal digest = same data."""
+    h = hashlib.sha256()
+    for path in paths:
+        _update(h, path)
+    return h.hexdigest()[:16]
+
+
+def _update(h: "hashlib._Hash", path: Path) -> None:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)

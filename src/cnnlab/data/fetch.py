@@ -20,7 +20,9 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-__all__ = ["ChecksumError", "DownloadError", "download", "file_digest", "verify_digest"]
+from cnnlab.files import file_digest
+
+__all__ = ["ChecksumError", "DownloadError", "download", "verify_digest"]
 
 _CHUNK = 1 << 20
 _SNIFF_BYTES = 512
@@ -44,15 +46,6 @@ class ChecksumError(DownloadError):
             f"truncated or was changed upstream — re-download it, and update the expected {algorithm} "
             "only if you trust the new file"
         )
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of ``path``, streamed in 1 MiB chunks so big archives never sit in memory."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_digest(path: Path, expected: str, algorithm: str = "sha256") -> None:

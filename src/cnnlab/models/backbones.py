@@ -21,7 +21,6 @@ training from pretrained weights use `build_pretrained_classifier`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from cnnlab.files import file_digest
 
 
 __all__ = [
@@ -125,7 +126,7 @@ def load_state_dict_safely(path: Path, sha256: str | None = None) -> dict[str, t
     if not path.is_file():
         raise ValueError(f"{path}: weights file not found")
     if sha256 is not None:
-        actual = _sha256(path)
+        actual = file_digest(path)
         if actual != sha256.lower():
             raise ValueError(f"{path}: sha256 mismatch: expected {sha256.lower()}, actual {actual}")
     try:
@@ -147,14 +148,6 @@ def load_state_dict_safely(path: Path, sha256: str | None = None) -> dict[str, t
     ):
         raise ValueError(f"{path}: not a state dict of tensors")
     return dict(state)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hub_checkpoints() -> Path:
@@ -182,7 +175,7 @@ def _explicit_file(weights: str) -> Path:
 def _check_hash_prefix(path: Path) -> None:
     """torchvision names files ``<name>-<first 8+ hex of sha256>.pth``; a mismatch means corruption."""
     m = re.search(r"-([0-9a-f]{8,})\.", path.name)
-    if m and not _sha256(path).startswith(m.group(1)):
+    if m and not file_digest(path).startswith(m.group(1)):
         raise ValueError(f"{path}: sha256 does not start with {m.group(1)} (corrupt or truncated download)")
 
 

@@ -1,6 +1,6 @@
 """Stage `evaluate`: every declared variant on the test split, their ensemble, McNemar tests,
 the comparison tables and figures, and the MLflow records. The statistics live in
-`cnnlab.scoring`, the figures in `cnnlab.figures`; this module wires them to files and runs.
+`cnnlab.evaluation.scoring`, the figures in `cnnlab.evaluation.figures`; this module wires them to files and runs.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ import torch
 
 from cnnlab.config import ConfigError
 from cnnlab.data.tensors import TensorSet, load_split, split_classes
-from cnnlab.engine import predict_logits
-from cnnlab.features import FeatureCache, manifest_digest, trunk_digest
-from cnnlab.hardware import Runtime, resolve_runtime
-from cnnlab.scoring import (ENSEMBLE, VariantResult, best_by_validation, comparison_markdown, comparison_table,
+from cnnlab.training.engine import predict_logits
+from cnnlab.training.features import FeatureCache, manifest_digest, trunk_digest
+from cnnlab.training.hardware import Runtime, resolve_runtime
+from cnnlab.evaluation.scoring import (ENSEMBLE, VariantResult, best_by_validation, comparison_markdown, comparison_table,
                                ensemble_probabilities, mcnemar_markdown, mcnemar_pairs, mcnemar_table, score,
                                softmax)
 from cnnlab.files import atomic_write_text, staged_dir, write_json
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
 from cnnlab.progress import progress
-from cnnlab.figures import plot_accuracy, plot_confusion, plot_misclassified
-from cnnlab.tracking import tracked_run, tracking_uri
+from cnnlab.evaluation.figures import plot_accuracy, plot_confusion, plot_misclassified
+from cnnlab.tracking.runs import tracked_run, tracking_uri
 
 
 
@@ -64,7 +64,7 @@ def evaluate_variants(
     """Evaluate ``models_dir/<variant>`` for each variant and write every output; returns the
     comparison and McNemar tables as Markdown. ``stages`` maps a variant to the DVC stage that
     trains it, for error messages. A frozen-backbone variant is scored from the test features
-    in ``features_dir/<variant>`` when they were made by exactly its backbone (see `cnnlab.features`)."""
+    in ``features_dir/<variant>`` when they were made by exactly its backbone (see `cnnlab.training.features`)."""
     _check_names(variants)
     # fp32 with TF32 off on any device: the reported numbers are the model's, not the hardware's.
     rt = resolve_runtime(device=device, precision="fp32", channels_last=True, tf32=False)

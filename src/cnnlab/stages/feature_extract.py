@@ -17,13 +17,14 @@ import torch
 
 from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, split_classes, split_mode, train_versions
-from cnnlab.engine import fit, predict_logits
-from cnnlab.features import FeatureCache, Trunk, manifest_digest, trunk_digest
-from cnnlab.hardware import Runtime, resolve_runtime
+from cnnlab.training.engine import fit, predict_logits
+from cnnlab.training.features import FeatureCache, Trunk, manifest_digest, trunk_digest
+from cnnlab.training.hardware import Runtime, resolve_runtime
 from cnnlab.models.backbones import create_backbone
 from cnnlab.models.classifier import Classifier, ModelSpec, build_pretrained_classifier
-from cnnlab.tracking import files_digest, params_hash, tracked_run
-from cnnlab.outputs import TrainOutputs, record_variant
+from cnnlab.files import files_digest
+from cnnlab.tracking.runs import params_hash, tracked_run
+from cnnlab.training.outputs import TrainOutputs, record_variant
 
 SPLITS = ("train", "val", "test")
 # The augment stage's copies of the training images, for a head trained on augmented features.
@@ -151,7 +152,7 @@ def feature_extract(
         clf.to(rt.device)
         diff = check_assembly(clf, spec, split_dir, sets["val"].images, rt=rt)
         metrics, timing, run_info = record_variant(
-            run, variant=variant, model=clf, spec=spec, result=result, out=out, split_dir=split_dir,
+            run, variant=variant, model=clf, spec=spec, result=result, out=out,
             experiment=experiment, title=f"{variant}: frozen {fx.backbone} + head",
             extra_metrics={"extract_images_per_second": extract_rate, "assembly_max_logit_diff": diff})
     out.checkpoint.unlink(missing_ok=True)

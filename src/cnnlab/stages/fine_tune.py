@@ -20,16 +20,17 @@ import mlflow
 import torch
 from torch import nn
 
-from cnnlab import distributed
+from cnnlab.training import distributed
 from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train
-from cnnlab.engine import fit, load_checkpoint
-from cnnlab.hardware import resolve_runtime
+from cnnlab.training.engine import fit, load_checkpoint
+from cnnlab.training.hardware import resolve_runtime
 from cnnlab.models.backbones import create_backbone
 from cnnlab.models.classifier import Classifier, load_classifier
-from cnnlab.outputs import TrainOutputs, record_variant
-from cnnlab.prefix_cache import FromPrefix, prefix_cacheable, prefix_outputs, swap_prefix
-from cnnlab.tracking import files_digest, params_hash, tracked_run
+from cnnlab.training.outputs import TrainOutputs, record_variant
+from cnnlab.training.prefix_cache import FromPrefix, prefix_cacheable, prefix_outputs, swap_prefix
+from cnnlab.files import files_digest
+from cnnlab.tracking.runs import params_hash, tracked_run
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -140,7 +141,7 @@ def fine_tune(
         for p in clf.parameters():
             p.requires_grad_(True)
         metrics, timing, run_info = record_variant(
-            run, variant=variant, model=clf, spec=spec, result=result, out=out, split_dir=split_dir,
+            run, variant=variant, model=clf, spec=spec, result=result, out=out,
             experiment=experiment, title=f"{variant}: {spec.arch}, top {ft.unfreeze_blocks} blocks")
     out.checkpoint.unlink(missing_ok=True)
     distributed.close(world)

@@ -1,5 +1,5 @@
 """Stage `register`: every declared variant becomes a version of one registered model, and the
-alias (`champion`) goes to the best validation accuracy (`cnnlab.registry` does the MLflow part).
+alias (`champion`) goes to the best validation accuracy (`cnnlab.tracking.model_registry` does the MLflow part).
 
 Inside a DVC experiment (`dvc exp run`, queued or not) the versions are registered and tagged with
 the experiment's name, but the alias stays where it is: a sweep's experiments finish in any order,
@@ -9,21 +9,26 @@ and the last one would otherwise decide what `models:/...@champion` serves. Prom
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import mlflow
 
+from cnnlab.config import RegistryParams
 from cnnlab.files import write_json
-from cnnlab.registry import RegistryResult, read_candidate, register_variants
-from cnnlab.tracking import dvc_experiment_tags, end_stale_runs, tracking_uri
+from cnnlab.serving.publish import example_images, publish, serving_limits
+from cnnlab.tracking.model_registry import (Candidate, RegistryResult, read_candidate, register_variants,
+                                            require_run)
+from cnnlab.tracking.runs import dvc_experiment_tags, end_stale_runs, tracking_uri
 
 
-def register(models_dir: Path, test_metrics: Path, out: Path, *, stages: dict[str, str], model_name: str,
-             alias: str) -> str:
-    """Register ``models_dir/<variant>`` for each variant in ``stages`` (variant -> the DVC stage that
-    trains it, for error messages), in that order (a tie goes to the first); write the summary to
-    ``out``; return it as text, with the command that serves the champion."""
+def register(models_dir: Path, split_dir: Path, test_metrics: Path, out: Path, *, stages: dict[str, str],
+             cfg: RegistryParams) -> str:
+    """Publish and register ``models_dir/<variant>`` for each variant in ``stages`` (variant -> the
+    DVC stage that trains it, for error messages), in that order (a tie goes to the first); write
+    the summary to ``out``; return it as text, with the command that serves the champion.
+    ``split_dir`` gives the served model its decode limits and input example."""
     test = json.loads(test_metrics.read_text()) if test_metrics.exists() else None
     candidates = [read_candidate(name, models_dir / name, test, stage) for name, stage in stages.items()]
     mlflow.set_tracking_uri(tracking_uri())
@@ -31,9 +36,12 @@ def register(models_dir: Path, test_metrics: Path, out: Path, *, stages: dict[st
     # Before a version points at them: end the runs that a killed stage left RUNNING in the variants'
     # experiments (cnnlab.run_guard; the watcher covers a SIGKILL, this a power cut).
     end_stale_runs(sorted({e for c in candidates if (e := _experiment_of(client, c.run_id))}))
+    limits, examples = serving_limits(split_dir), example_images(split_dir)
+    candidates = [dataclasses.replace(c, model_uri=_publish(c, models_dir, stages, limits, examples))
+                  for c in candidates]
     tags = dvc_experiment_tags()
     experiment = tags.get("dvc.exp_name")
-    result = register_variants(client, model_name, alias, candidates,
+    result = register_variants(client, cfg.model_name, cfg.alias, candidates,
                                promote=experiment is None, tags=tags)
     write_json(out, {
         "model_name": result.model_name,
@@ -46,6 +54,11 @@ def register(models_dir: Path, test_metrics: Path, out: Path, *, stages: dict[st
         "model_uri": _model_uri(result),
     })
     return _summary(result, candidates, experiment)
+
+
+def _publish(c: Candidate, models_dir: Path, stages: dict[str, str], limits: dict, examples: list[bytes]) -> str:
+    require_run(mlflow.MlflowClient(), c, stages[c.variant])
+    return publish(c.run_id, models_dir / c.variant, limits=limits, examples=examples)
 
 
 def _experiment_of(client: mlflow.MlflowClient, run_id: str) -> str | None:

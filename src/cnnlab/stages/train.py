@@ -12,14 +12,15 @@ import mlflow
 import torch
 
 from cnnlab.config import AugmentParams, TrainParams
-from cnnlab import distributed
+from cnnlab.training import distributed
 from cnnlab.data.tensors import load_split, load_train, split_classes, split_mode
-from cnnlab.engine import fit, load_checkpoint
-from cnnlab.hardware import resolve_runtime
+from cnnlab.training.engine import fit, load_checkpoint
+from cnnlab.training.hardware import resolve_runtime
 from cnnlab.models.classifier import ModelSpec, build_classifier
 from cnnlab.models.zoo import init_weights
-from cnnlab.outputs import TrainOutputs, record_variant
-from cnnlab.tracking import files_digest, params_hash, tracked_run
+from cnnlab.training.outputs import TrainOutputs, record_variant
+from cnnlab.files import files_digest
+from cnnlab.tracking.runs import params_hash, tracked_run
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -43,7 +44,7 @@ def train_variant(
 ) -> dict[str, Any]:
     """Train one variant end to end; returns its metrics (also written to ``out.metrics``).
 
-    Under torchrun every rank trains (`cnnlab.distributed`) and rank 0 alone opens the MLflow run
+    Under torchrun every rank trains (`cnnlab.training.distributed`) and rank 0 alone opens the MLflow run
     and writes the outputs; the other ranks return an empty dict."""
     rt = resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, tf32=cfg.tf32)
     world, rt = distributed.join(rt, f"train@{variant}", cfg.batch_size)
@@ -84,7 +85,7 @@ def train_variant(
             distributed.close(world)
             return {}
         metrics, timing, run_info = record_variant(
-            run, variant=variant, model=model, spec=spec, result=result, out=out, split_dir=split_dir,
+            run, variant=variant, model=model, spec=spec, result=result, out=out,
             experiment=experiment, title=f"{variant}: {cfg.arch}, dropout {dropout:g}")
     out.checkpoint.unlink(missing_ok=True)
     distributed.close(world)

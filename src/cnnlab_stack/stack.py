@@ -1,4 +1,4 @@
-"""``python -m cnnlab stack up|down|status|env|dvc-remote``: the team's tracking stack, one command.
+"""``python -m cnnlab_stack up|down|status|env|dvc-remote``: the team's tracking stack, one command.
 
 What runs where, all on 127.0.0.1 only, with its state under DIR (``<repo root>/.stack`` unless
 ``--dir``; the repo root is the nearest parent of the cwd that holds dvc.yaml):
@@ -23,7 +23,7 @@ the S3 endpoint and keys, which ``stack dvc-remote`` writes (the keys only to
 secrets and the pids; ports and secrets survive ``down``/``up``, so clients' variables stay
 valid. Logs: ``DIR/logs/{postgres,seaweedfs,mlflow}.log``.
 
-`Stack` is the Python API (the tests start one on free ports); `cnnlab.cli` wraps it.
+`Stack` is the Python API (the tests start one on free ports); `cnnlab.cli.main` wraps it.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ GRPC_OFFSET = 10000
 SECRETS = ("postgres_password", "s3_access_key", "s3_secret_key", "mlflow_admin_password", "flask_secret_key")
 START_TIMEOUT_S = {"postgres": 60, "seaweedfs": 60, "mlflow": 180}
 STOP_TIMEOUT_S = 30  # weed mini's filer alone takes ~11 s to stop gracefully
-UP = "`python -m cnnlab stack up`"
+UP = "`python -m cnnlab_stack up`"
 
 
 class StackError(Exception):
@@ -496,7 +496,7 @@ class _MLflow(_Piece):
 
 
 AUTH_INI = """\
-# Written by `python -m cnnlab stack up` (cnnlab.stack) at each start: edits are overwritten.
+# Written by `python -m cnnlab_stack up` (cnnlab_stack.stack) at each start: edits are overwritten.
 [mlflow]
 # READ: every logged-in team member sees every experiment and model (results are shared), but
 # only its creator (who gets MANAGE) and users granted EDIT change it: nobody logs into someone
@@ -615,8 +615,8 @@ class Stack:
         ports = choose_ports(self.ports, self.requested)
         for piece in self.pieces:
             if piece.pid() and any(ports[key] != self.ports.get(key) for key in piece.port_keys()):
-                raise StackError(f"{piece.name} is running on port {piece.port}: run `python -m cnnlab "
-                                 "stack down` before giving it another port")
+                raise StackError(f"{piece.name} is running on port {piece.port}: run `python -m cnnlab_stack "
+                                 "down` before giving it another port")
         self.state["ports"] = ports
         self._save()
 

@@ -1,5 +1,5 @@
-"""Figures people would rather look at than read: each variant's training curves (its stage),
-confusion matrices, mistakes and test accuracy per variant (`evaluate`)."""
+"""Figures people would rather look at than read, for `evaluate`: confusion matrices, the most
+confident mistakes, and test accuracy per variant. (Training curves: `cnnlab.training.curves`.)"""
 
 from __future__ import annotations
 
@@ -123,23 +123,3 @@ def plot_accuracy(
     ax.set_title("Accuracy per variant")
     fig.tight_layout()
     _save(fig, path)
-
-
-def plot_history(history: Sequence[dict[str, float]], path: Path, *, title: str, best_epoch: int | None = None) -> None:
-    """Loss and accuracy per epoch, train vs validation, the best epoch marked."""
-    epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 3.8))
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train", color="tab:blue")
-        ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation", color="tab:orange")
-        if best_epoch:
-            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    ax_acc.legend(loc="lower right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)

@@ -50,7 +50,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Map
 
 import cnnlab
-from cnnlab.batching import Coalescer
+from cnnlab.serving.batching import Coalescer
 from cnnlab.data.images import ImageDecodeError, convert_mode, downscale, load_image_bytes
 from cnnlab.data.preprocess import prepare
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
@@ -134,7 +134,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self._max_request_pixels = int(config.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS))
         self._model, self._spec = load_classifier(Path(context.artifacts["model"]))
         self._model.eval()
-        # The server's threads take turns and share passes (cnnlab.batching): under load one batch
+        # The server's threads take turns and share passes (cnnlab.serving.batching): under load one batch
         # of the waiting requests' images instead of one small pass per request, all at once.
         self._forward = Coalescer(lambda batch: probabilities(self._model, batch), max_rows=64)
 
@@ -226,8 +226,10 @@ def log_classifier(
     registered_model_name: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = None,
+    tags: dict[str, str] | None = None,
 ) -> ModelInfo:
-    """Log a saved classifier folder as a self-contained pyfunc into the active run.
+    """Log a saved classifier folder as a self-contained pyfunc into the active run (``tags`` on
+    the logged model).
 
     The pyfunc is logged as code (`cnnlab/pyfunc_model.py`), not as a pickled object, and
     ``code_paths`` ships the cnnlab package with it, so it loads where cnnlab is not installed.
@@ -249,13 +251,13 @@ def log_classifier(
     # with bytecode caching on (Python's default) a __pycache__ would ship inside the model.
     dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
-        return _log_model(name, model_dir, example_images, registered_model_name, max_pixels, max_side)
+        return _log_model(name, model_dir, example_images, registered_model_name, max_pixels, max_side, tags)
     finally:
         sys.dont_write_bytecode = dont_write
 
 
 def _log_model(name: str, model_dir: Path, example_images: Sequence[bytes], registered_model_name: str | None,
-               max_pixels: int, max_side: int | None) -> ModelInfo:
+               max_pixels: int, max_side: int | None, tags: dict[str, str] | None) -> ModelInfo:
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(_ENTRY_POINT),
@@ -269,6 +271,7 @@ def _log_model(name: str, model_dir: Path, example_images: Sequence[bytes], regi
         input_example=pd.DataFrame({IMAGE_COLUMN: list(example_images[:2])}, dtype=object),
         registered_model_name=registered_model_name,
         pip_requirements=_pip_requirements(model_dir, example_images[:2], max_pixels, max_side),
+        tags=tags,
     )
 
 
@@ -345,10 +348,10 @@ def _pip_requirements(model_dir: Path, example_images: Sequence[bytes], max_pixe
 
     `mlflow models serve` and `predict` (unless ``--env-manager local``) and docker builds
     install only these, so they must name what this very model imports: timm for a transfer
-    model, not for a scratch one (see `cnnlab.model_env`). Exercised here, as the scoring server
+    model, not for a scratch one (see `cnnlab.serving.model_env`). Exercised here, as the scoring server
     does it: the pyfunc's own `load_context` and `predict` on the input example.
     """
-    from cnnlab.model_env import served_requirements
+    from cnnlab.serving.model_env import served_requirements
 
     def load_and_predict() -> None:
         model = ImageClassifierModel()

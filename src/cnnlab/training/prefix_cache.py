@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from cnnlab.engine import autocast
-from cnnlab.hardware import Runtime
+from cnnlab.training.engine import autocast
+from cnnlab.training.hardware import Runtime
 from cnnlab.models.classifier import Classifier
 from cnnlab.progress import progress
 

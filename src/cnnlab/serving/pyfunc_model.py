@@ -9,6 +9,6 @@ refuse them with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false).
 
 from mlflow.models import set_model
 
-from cnnlab.serving import ImageClassifierModel
+from cnnlab.serving.pyfunc import ImageClassifierModel
 
 set_model(ImageClassifierModel())

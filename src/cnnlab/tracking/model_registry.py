@@ -30,9 +30,9 @@ class Candidate:
 
     variant: str
     run_id: str
-    model_uri: str  # what the training stage logged: "models:/m-<id>" (MLflow 3 logged model)
     val_accuracy: float
     test_accuracy: float | None = None
+    model_uri: str = ""  # the servable pyfunc in its run: "models:/m-<id>" (`cnnlab.serving.publish`)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class RegistryResult:
 
 
 def read_candidate(variant: str, model_dir: Path, test_metrics: dict | None, stage: str = "") -> Candidate:
-    """A variant from its stage's ``<model_dir>/run.json`` (run, logged model, validation accuracy);
+    """A variant from its stage's ``<model_dir>/run.json`` (its run, validation accuracy);
     ``stage`` (e.g. ``train@scratch``) goes into the error messages."""
     run_file = model_dir / "run.json"
     redo = f"`dvc repro {stage}`" if stage else "the variant's stage"
@@ -64,8 +64,7 @@ def read_candidate(variant: str, model_dir: Path, test_metrics: dict | None, sta
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise RegistryError(f"{run_file}: unreadable or incomplete ({e}); run {redo}") from None
     test = (test_metrics or {}).get(variant, {}).get("test_accuracy")
-    return Candidate(variant=variant, run_id=run["run_id"], model_uri=run["model_uri"],
-                     val_accuracy=float(val), test_accuracy=None if test is None else float(test))
+    return Candidate(variant=variant, run_id=run["run_id"], val_accuracy=float(val), test_accuracy=None if test is None else float(test))
 
 
 def choose_champion(candidates: Sequence[Candidate]) -> Candidate:
@@ -126,14 +125,19 @@ def _existing_version(client: MlflowClient, name: str, cand: Candidate) -> Model
     return None
 
 
-def _create_version(client: MlflowClient, name: str, cand: Candidate, tags: dict[str, str]) -> ModelVersion:
+def require_run(client: MlflowClient, cand: Candidate, stage: str = "") -> None:
+    """Raise `RegistryError` unless the candidate's run is in this tracking store."""
     try:
         client.get_run(cand.run_id)
     except MlflowException:
         raise RegistryError(
             f"variant {cand.variant!r}: run {cand.run_id} is not in the tracking store; point "
             f"MLFLOW_TRACKING_URI at the store it was trained with, or retrain it "
-            f"(`dvc repro --force {_stage(cand.variant)}`)") from None
+            f"(`dvc repro --force {stage or _stage(cand.variant)}`)") from None
+
+
+def _create_version(client: MlflowClient, name: str, cand: Candidate, tags: dict[str, str]) -> ModelVersion:
+    require_run(client, cand)
     model_id = cand.model_uri.removeprefix("models:/") if cand.model_uri.startswith("models:/m-") else None
     return client.create_model_version(name, source=cand.model_uri, run_id=cand.run_id,
                                        tags={**tags, "variant": cand.variant}, model_id=model_id)

@@ -132,14 +132,6 @@ def params_hash(d: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
 
-def files_digest(*paths: Path) -> str:
-    """Short fingerprint of the files' contents, in order: equal digest = same data."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def git_commit(cwd: Path | None = None) -> str | None:
     """HEAD of the checkout (``-dirty`` with local changes); None when unknowable. Never raises."""
     # GIT_OPTIONAL_LOCKS=0: `git status` must not take index.lock, which would race with a
@@ -165,10 +157,13 @@ def tracked_run(
     experiment: str,
     run_name: str,
     tags: Mapping[str, str],
-    params: Mapping[str, Any],
+    params: Mapping[str, Any] | None,
     run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Open (or resume ``run_id``) a run that ends FINISHED, FAILED or KILLED, never RUNNING.
+
+    ``params=None`` reopens a finished run to add to it (`register` logs the served model into
+    each variant's run): its params, params hash and commit stay those of its training.
 
     SIGTERM inside the block raises `Terminated`; KeyboardInterrupt and `Terminated` mark the
     run KILLED and propagate, any other exception marks it FAILED and propagates. SIGKILL and power
@@ -177,11 +172,13 @@ def tracked_run(
     """
     mlflow.set_tracking_uri(tracking_uri())
     os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run` points it at its own run; a stage opens its own
-    flat = {k: _truncate(v) for k, v in flatten(params).items()}
-    all_tags = {**tags, **dvc_experiment_tags(), "params_hash": params_hash(params), run_guard.OWNER_TAG: run_guard.owner()}
-    commit = git_commit()
-    if commit is not None:  # absent rather than a fake value: "unknown" would look like a commit
-        all_tags["git_commit"] = commit
+    flat = {k: _truncate(v) for k, v in flatten(params or {}).items()}
+    all_tags = {**tags, run_guard.OWNER_TAG: run_guard.owner()}
+    if params is not None:
+        all_tags.update({**dvc_experiment_tags(), "params_hash": params_hash(params)})
+        commit = git_commit()
+        if commit is not None:  # absent rather than a fake value: "unknown" would look like a commit
+            all_tags["git_commit"] = commit
 
     in_main = threading.current_thread() is threading.main_thread()
     active: mlflow.ActiveRun | None = None

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.data.fetch import file_digest
-from cnnlab.files import write_json
+from cnnlab.files import file_digest, write_json
 from cnnlab.models.classifier import Classifier
 
 META = "meta.json"

@@ -1,10 +1,10 @@
 """What every variant's stage leaves behind, the same for every kind: the saved model, its history
 and curves, the DVC metrics, ``run.json``, and in its MLflow run the summary metrics, plots and
-the serving pyfunc."""
+the trained model's files. The servable pyfunc is logged by `register`, so that serving code is
+not a dependency of training."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +12,10 @@ from typing import Any
 import mlflow
 import torch
 
-from cnnlab.data.split import read_manifest
-from cnnlab.engine import FitResult
-from cnnlab.figures import plot_history
 from cnnlab.files import write_csv, write_json
 from cnnlab.models.classifier import ModelSpec, save_classifier
-from cnnlab.serving import log_classifier
+from cnnlab.training.curves import plot_history
+from cnnlab.training.engine import FitResult
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
 
@@ -33,15 +31,6 @@ class TrainOutputs:
     checkpoint: Path  # last-epoch state for resuming; removed when the stage succeeds
 
 
-def serving_limits(split_dir: Path) -> dict[str, Any]:
-    """The split's decode limits, which the served model repeats on raw uploads (see serving.py)."""
-    meta = split_dir / "preprocess.json"
-    if not meta.exists():  # a split written before this file existed: re-run `split` to get it
-        return {}
-    settings = json.loads(meta.read_text())
-    return {"max_pixels": settings["max_image_pixels"], "max_side": settings["max_side"]}
-
-
 def record_variant(
     run: mlflow.ActiveRun,
     *,
@@ -50,14 +39,14 @@ def record_variant(
     spec: ModelSpec,
     result: FitResult,
     out: TrainOutputs,
-    split_dir: Path,
     experiment: str,
     title: str,
     extra_metrics: dict[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float], dict[str, str]]:
     """Everything a finished variant leaves behind, the same for every variant: the saved model,
     history CSV, curves, DVC metrics, and in the active MLflow run the summary metrics, plots
-    and the serving pyfunc. Returns (DVC metrics, timings, run info)."""
+    and the model folder (``classifier/``: spec.json, weights.pt). Returns (DVC metrics, timings,
+    run info)."""
     model.to("cpu").to(memory_format=torch.contiguous_format)
     save_classifier(model, spec, out.model_dir)
     write_csv(out.history, HISTORY_FIELDS, result.history)
@@ -78,12 +67,11 @@ def record_variant(
                         "best_epoch": result.best_epoch, "epochs_run": len(result.history), **timing})
     mlflow.log_artifact(str(out.history), "plots")
     mlflow.log_artifact(str(out.curves), "plots")
-    examples = [Path(r["path"]).read_bytes() for r in read_manifest(split_dir, "val")[:2]]
-    info = log_classifier(out.model_dir, example_images=examples, **serving_limits(split_dir))
+    mlflow.log_artifacts(str(out.model_dir), "classifier")
     # val_accuracy here too: evaluate and register read every variant from data/models/<name>/ (the
     # one folder DVC can hand them for any set of variants) and choose the champion by it.
-    run_info = {"run_id": run.info.run_id, "experiment": experiment, "model_uri": info.model_uri,
-                "variant": variant, "val_accuracy": result.best_val_accuracy}
+    run_info = {"run_id": run.info.run_id, "experiment": experiment, "variant": variant,
+                "val_accuracy": result.best_val_accuracy}
     write_json(out.model_dir / "run.json", run_info)
     write_json(out.metrics, metrics)
     return metrics, timing, run_info

@@ -87,7 +87,7 @@ def init(device: torch.device) -> tuple[World, torch.device]:
 
 
 def join(runtime: R, label: str, batch_size: int) -> tuple[World, R]:
-    """`init` for a training stage: joins the group, moves ``runtime`` (a `cnnlab.hardware.Runtime`)
+    """`init` for a training stage: joins the group, moves ``runtime`` (a `cnnlab.training.hardware.Runtime`)
     to this rank's device, and prints the runtime line once (rank 0) as ``label: ...``."""
     world, device = init(runtime.device)
     runtime = replace(runtime, device=device)

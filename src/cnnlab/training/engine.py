@@ -5,7 +5,7 @@ seeded batch order, trains, evaluates on validation, keeps the best weights, che
 stops early when validation stops improving. A killed run restarts from its last checkpoint
 and ends bit-for-bit where an uninterrupted run would: batch order depends only on
 (seed, epoch), and the checkpoint holds every other piece of state, RNG included. Under torchrun
-each rank trains on its shard of every batch (`cnnlab.distributed`); rank 0 validates, decides
+each rank trains on its shard of every batch (`cnnlab.training.distributed`); rank 0 validates, decides
 and checkpoints for all.
 """
 
@@ -29,10 +29,10 @@ from torch import nn
 
 from cnnlab.config import TrainParams
 from cnnlab.data.tensors import TensorSet, TrainSet
-from cnnlab.distributed import SINGLE, World, all_sum, average_buffers, barrier, from_main, shard, wrap
+from cnnlab.training.distributed import SINGLE, World, all_sum, average_buffers, barrier, from_main, shard, wrap
 from cnnlab.files import remove_leftovers
 from cnnlab.run_guard import temp_prefix
-from cnnlab.hardware import Runtime, resolve_runtime
+from cnnlab.training.hardware import Runtime, resolve_runtime
 from cnnlab.progress import progress
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
@@ -94,7 +94,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainParams, steps_per_epoch
 
 
 def autocast(device: torch.device, precision: str):
-    """Autocast to bf16/fp16 for a resolved precision (`cnnlab.hardware`); fp32 = off."""
+    """Autocast to bf16/fp16 for a resolved precision (`cnnlab.training.hardware`); fp32 = off."""
     if precision == "fp32":
         return nullcontext()
     if precision == "fp16" and device.type != "cuda":
@@ -229,13 +229,13 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best weights by validation accuracy.
 
-    ``runtime`` is the stage's resolved device and precision (`cnnlab.hardware.resolve_runtime`);
+    ``runtime`` is the stage's resolved device and precision (`cnnlab.training.hardware.resolve_runtime`);
     None resolves ``cfg``'s. ``extra`` (e.g. the MLflow run id) is stored in the checkpoint and
     handed back on resume. ``augment`` is applied per sample to uint8 images when augmenting on
     the fly. ``param_groups`` (optimizer groups with their own "lr") give discriminative learning
     rates; ``before_epoch(epoch, model)`` runs after ``model.train()``, e.g. to unfreeze blocks or
     keep frozen BatchNorm layers in eval mode. It must depend on the epoch alone, so resuming works.
-    ``world``: this process's rank among torchrun's (`cnnlab.distributed.init`); ``cfg.batch_size``
+    ``world``: this process's rank among torchrun's (`cnnlab.training.distributed.init`); ``cfg.batch_size``
     is per rank, and only rank 0 calls ``on_epoch``, prints and writes the checkpoint.
     """
     rt = runtime or resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last,

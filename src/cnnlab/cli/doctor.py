@@ -25,7 +25,7 @@ import torch
 
 from cnnlab.config import ConfigError, DownloadParams, FeatureExtractParams, Params, load_params
 from cnnlab.data.idx import FASHION_MNIST_FILES
-from cnnlab.hardware import cpu_features, cpu_name, mps_available, resolve_device, resolve_runtime, usable_cores
+from cnnlab.training.hardware import cpu_features, cpu_name, mps_available, resolve_device, resolve_runtime, usable_cores
 
 SETUP_FIX = "run `make setup` (installs requirements.lock into .venv)"
 # Every one of these runs in the default pipeline: dvc drives it, mlflow logs it, timm builds
@@ -111,7 +111,7 @@ def stages(params: Params, report: Report) -> dict[str, Any]:
 
 def mlflow_facts() -> dict[str, Any]:
     """The store the stages log to (a relative sqlite path is relative to the repository root)."""
-    from cnnlab.tracking import tracking_uri  # imports mlflow: only here, where it is known present
+    from cnnlab.tracking.runs import tracking_uri  # imports mlflow: only here, where it is known present
 
     return {"tracking_uri": tracking_uri(), "MLFLOW_TRACKING_URI": "set" if os.environ.get("MLFLOW_TRACKING_URI")
             else "not set (the default store)"}

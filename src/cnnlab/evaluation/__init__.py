@@ -1,0 +1,1 @@
+"""Evaluation: test statistics (intervals, McNemar + Holm, the comparison table) and figures."""

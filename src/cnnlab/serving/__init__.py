@@ -1,0 +1,1 @@
+"""The served model: the MLflow pyfunc (logged as code), request batching, and its requirements."""

@@ -1,0 +1,67 @@
+"""Each trained variant's servable pyfunc, logged into the variant's own MLflow run by `register`.
+
+The training stages log the trained model's files (``classifier/``), not the pyfunc: what serves
+them (this package) is then not a dependency of training, and editing it re-runs `register` only.
+`register` runs whenever its dependencies change, so a logged pyfunc is reused while nothing that
+goes into it has changed: the model's files, the serving limits, and the code shipped with it
+(the cnnlab package). Its tag ``cnnlab.served`` holds the digest of all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import mlflow
+
+import cnnlab
+from cnnlab.data.split import read_manifest
+from cnnlab.files import file_digest
+from cnnlab.serving.pyfunc import log_classifier
+from cnnlab.tracking.runs import tracked_run
+
+SERVED_TAG = "cnnlab.served"
+
+
+def serving_limits(split_dir: Path) -> dict[str, int | None]:
+    """The split's decode limits, which the served model repeats on raw uploads (see pyfunc.py)."""
+    meta = split_dir / "preprocess.json"
+    if not meta.exists():  # a split written before this file existed: re-run `split` to get it
+        return {}
+    settings = json.loads(meta.read_text())
+    return {"max_pixels": settings["max_image_pixels"], "max_side": settings["max_side"]}
+
+
+def example_images(split_dir: Path, count: int = 2) -> list[bytes]:
+    """The input example logged with the model: the first validation images."""
+    return [Path(r["path"]).read_bytes() for r in read_manifest(split_dir, "val")[:count]]
+
+
+def served_digest(model_dir: Path, limits: dict[str, int | None]) -> str:
+    """What a logged pyfunc is made of: the model's files, its limits and the package's code."""
+    h = hashlib.sha256()
+    for name in ("spec.json", "weights.pt"):
+        h.update(f"{name}:{file_digest(model_dir / name)}\n".encode())
+    h.update(json.dumps(limits, sort_keys=True).encode())
+    package = Path(cnnlab.__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        h.update(f"{source.relative_to(package).as_posix()}:{file_digest(source)}\n".encode())
+    return h.hexdigest()
+
+
+def publish(run_id: str, model_dir: Path, *, limits: dict[str, int | None], examples: Sequence[bytes]) -> str:
+    """The URI (``models:/m-...``) of ``model_dir``'s pyfunc in run ``run_id``: the one already
+    logged there from the same files, limits and code, else a new one logged now."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    digest = served_digest(model_dir, limits)
+    for logged in client.search_logged_models([run.info.experiment_id],
+                                              filter_string=f"tags.`{SERVED_TAG}` = '{digest}'"):
+        if logged.source_run_id == run_id:
+            return f"models:/{logged.model_id}"
+    with tracked_run(experiment=run.info.experiment_id, run_name=run.info.run_name, tags={}, params=None,
+                     run_id=run_id):
+        info = log_classifier(model_dir, example_images=examples, tags={SERVED_TAG: digest}, **limits)
+    return info.model_uri
