@@ -36,7 +36,7 @@ from pathlib import Path
 
 from project_copy import copy_project, project_params, tool_argv, tool_env
 
-STAGES = ("download", "split", "augment", "train@scratch", "train@regularized", "feature_extract@feature_extract",
+STAGES = ("download", "split", "augment", "scratch@scratch", "scratch@regularized", "feature_extract@feature_extract",
           "fine_tune@fine_tune", "evaluate", "register")
 SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4},
          "augment": {"copies": 1, "preview_images": 3},
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     root = args.keep or Path(tempfile.mkdtemp(prefix="cnnlab-crash-"))
     ws = workspace(root / "ws", quick=args.quick)
-    stages = [s for s in STAGES if not (args.quick and s == "train@regularized")]
+    stages = [s for s in STAGES if not (args.quick and s == "scratch@regularized")]
     report = Report()
     try:
         durations = {}
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             report.check(f"SIGKILL {stage}, run it again", problems, detail)
 
         # DVC restores the stage from its run cache: no stage code runs, the watcher ends the run.
-        stage = "train@scratch" if args.quick else "train@regularized"
+        stage = "scratch@scratch" if args.quick else "scratch@regularized"
         at = 0.5 * durations[stage]
         killed = dvc(ws, "repro", "-f", "-s", stage, stage=stage, kill_after=at)
         again = dvc(ws, "repro")
@@ -244,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         report.check(f"SIGKILL {stage}, dvc repro (run cache)", problems, f"killed at {at:.1f} s")
 
         # Two at once: the second stops on DVC's lock, the first finishes.
-        first = subprocess.Popen(tool_argv(["dvc", "repro", "-f", "-s", "train@scratch"]), cwd=ws, env=tool_env(ws),
+        first = subprocess.Popen(tool_argv(["dvc", "repro", "-f", "-s", "scratch@scratch"]), cwd=ws, env=tool_env(ws),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        while _find_process(ws, "pipeline/train.py") is None and first.poll() is None:
+        while _find_process(ws, "pipeline/scratch.py") is None and first.poll() is None:
             time.sleep(0.05)
         second = dvc(ws, "repro")
         out, _ = first.communicate(timeout=900)
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         report.check("two dvc repro at once", problems, "second: " + _lock_line(second.output))
 
         # dvc itself killed with the stage (a power cut or a killed terminal): no stale lock.
-        stage = "train@scratch"
+        stage = "scratch@scratch"
         at = 0.5 * durations[stage]
         killed = dvc(ws, "repro", "-f", "-s", stage, stage=stage, kill_after=at, kill_dvc_too=True)
         killed_note = "" if killed.killed else " (never killed)"

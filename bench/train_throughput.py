@@ -77,7 +77,7 @@ from cnnlab.training.engine import fit
 from cnnlab.training.hardware import cpu_features, resolve_runtime
 from cnnlab.models.classifier import ModelSpec, build_classifier
 from cnnlab.models.zoo import create_model, list_models
-from cnnlab.stages.train import channel_stats
+from cnnlab.stages.scratch import channel_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 4.0  # the project's goal: the engine at least 4x the baseline

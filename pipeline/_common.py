@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # On Apple's mps device an op Metal lacks runs on the CPU instead of stopping the stage; PyTorch
 # prints a warning naming the op. It must be set before torch loads, hence here, in the entry point.
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
-from cnnlab.config import ConfigError, Params, Variant, load_params  # noqa: E402
+from cnnlab.config import ConfigError, Params, load_params  # noqa: E402
+from cnnlab.logs import configure  # noqa: E402
 
 if TYPE_CHECKING:
-    from cnnlab.training.outputs import TrainOutputs
+    from cnnlab.stages.variant import VariantResult, VariantRun
+
+configure()  # the package's messages on stderr, where DVC shows them
 
 
 def parse(description: str, *paths: str) -> tuple[argparse.Namespace, Params]:
@@ -63,19 +67,29 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def train_outputs(args: argparse.Namespace) -> TrainOutputs:
-    """The outputs every training stage writes, from its --model/--metrics/... options."""
+def variant_run(args: argparse.Namespace, params: Params, kind: str) -> tuple[VariantRun, Any]:
+    """The variant ``--variant`` names (dvc.yaml passes it), as `run_variant` takes it, with its
+    resolved settings; its outputs come from the --model/--metrics/... options."""
+    from cnnlab.stages.variant import VariantRun
     from cnnlab.training.outputs import TrainOutputs
+    from cnnlab.variants import run_params
 
-    return TrainOutputs(model_dir=Path(args.model), metrics=Path(args.metrics), history=Path(args.history),
-                        curves=Path(args.curves), checkpoint=Path(args.checkpoint))
-
-
-def variant(params: Params, name: str, kind: str) -> Variant:
-    """The resolved ``variants.<kind>.<name>`` entry (dvc.yaml passes ``--variant <name>``)."""
     variants = params.resolved_variants()
-    v = variants.get(name)
+    v = variants.get(args.variant)
     if v is None or v.kind != kind:
         have = ", ".join(n for n, o in variants.items() if o.kind == kind) or "none"
-        raise ConfigError(f"variants.{kind}.{name}: not in params.yaml (its {kind} variants: {have})")
-    return v
+        raise ConfigError(f"variants.{kind}.{args.variant}: not in params.yaml (its {kind} variants: {have})")
+    out = TrainOutputs(model_dir=Path(args.model), metrics=Path(args.metrics), history=Path(args.history),
+                       curves=Path(args.curves), checkpoint=Path(args.checkpoint))
+    run = VariantRun(name=v.name, kind=kind, stage=v.stage, seed=params.base.seed, experiment=params.base.experiment,
+                     logged_params=run_params(v, variants, params.base.seed), out=out)
+    return run, v.settings
+
+
+def print_result(result: VariantResult | None) -> None:
+    """A training stage's summary on stdout (nothing on torchrun ranks other than 0)."""
+    if result is None:
+        return
+    keys = ("val_accuracy", "best_epoch", "epochs_run")
+    print(json.dumps({**{k: result.metrics[k] for k in keys}, **result.timing, **result.summary,
+                      "run_id": result.run_id}, indent=2))

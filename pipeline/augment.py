@@ -13,10 +13,9 @@ from cnnlab.stages.augment import augment
 
 def main() -> None:
     args, params = parse(__doc__, "split", "out", "preview", "metrics")
-    p = params.augment
-    print(f"policy: {build_policy(p)}")
-    summary = augment(Path(args.split), Path(args.out), Path(args.preview), Path(args.metrics), policy=p,
-                      copies=p.copies, seed=params.base.seed, preview_images=p.preview_images)
+    print(f"policy: {build_policy(params.augment)}")
+    summary = augment(Path(args.split), Path(args.out), Path(args.preview), Path(args.metrics), params.augment,
+                      seed=params.base.seed)
     print(json.dumps(summary, indent=2))
 
 

@@ -16,12 +16,7 @@ from cnnlab.stages.download import download
 
 def main() -> None:
     args, params = parse(__doc__, "out")
-    p = params.download
-    info = download(Path(args.out), source=p.source, fashion_mnist_dir=Path(p.fashion_mnist_dir),
-                    fashion_mnist_urls=p.fashion_mnist_url, url=p.url, sha256=p.sha256,
-                    local_dir=Path(p.local_dir), max_download_bytes=p.max_download_bytes,
-                    max_extracted_bytes=p.max_extracted_bytes, max_members=p.max_members,
-                    max_compression_ratio=p.max_compression_ratio, timeout_s=p.timeout_s)
+    info = download(Path(args.out), params.download)
     print(json.dumps(info, indent=2))
 
 

@@ -16,14 +16,7 @@ from cnnlab.stages.split import split
 
 def main() -> None:
     args, params = parse(__doc__, "raw", "out", "metrics")
-    p = params.split
-    summary = split(
-        Path(args.raw), Path(args.out), Path(args.metrics), seed=params.base.seed,
-        val_fraction=p.val_fraction, test_fraction=p.test_fraction,
-        max_train_per_class=p.max_train_per_class, max_val_per_class=p.max_val_per_class,
-        max_test_per_class=p.max_test_per_class, max_image_pixels=p.max_image_pixels,
-        max_side=p.max_side, color_mode=p.color_mode,
-    )
+    summary = split(Path(args.raw), Path(args.out), Path(args.metrics), params.split, seed=params.base.seed)
     print(json.dumps(summary, indent=2))
     if summary["quarantined"]:
         print(f"{summary['quarantined']} file(s) quarantined: see {Path(args.out) / 'quarantine.csv'}")

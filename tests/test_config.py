@@ -137,7 +137,7 @@ def _variants(**by_kind) -> dict:
 def test_repo_variants_resolve_in_table_order_with_their_stages():
     variants = load_params(REPO / "params.yaml").resolved_variants()
     assert [(n, v.kind, v.stage) for n, v in variants.items()] == [
-        ("scratch", "scratch", "train@scratch"), ("regularized", "scratch", "train@regularized"),
+        ("scratch", "scratch", "scratch@scratch"), ("regularized", "scratch", "scratch@regularized"),
         ("feature_extract", "feature_extract", "feature_extract@feature_extract"),
         ("fine_tune", "fine_tune", "fine_tune@fine_tune")]
     reg = variants["regularized"].settings
@@ -173,7 +173,7 @@ def test_an_entry_overrides_only_its_keys_and_nested_head_key_by_key():
     (_variants(scratch={"../x": {}}), r"'\.\./x' is not a valid variant name"),
     (_variants(scratch={"ensemble": {}}), r"variants\.scratch\.ensemble: 'ensemble' is reserved"),
     (_variants(scratch={"x": {}}, feature_extract={"x": {}}),
-     r"variants\.feature_extract\.x: the name is also used by train@x"),
+     r"variants\.feature_extract\.x: the name is also used by scratch@x"),
     ({"variants": {"scratch": {}, "feature_extract": {}, "fine_tune": {}}}, r"variants: no variant is declared"),
     ({"variants": {"scrach": {"x": {}}}}, r"variants\.scrach: unknown key \(allowed here: scratch, feature_extract, fine_tune\)"),
 ])

@@ -14,7 +14,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("download", "split", "augment", "train@scratch", "feature_extract@feature_extract", "fine_tune@fine_tune",
+STAGES = ("download", "split", "augment", "scratch@scratch", "feature_extract@feature_extract", "fine_tune@fine_tune",
           "evaluate", "register")
 
 
@@ -27,6 +27,6 @@ def test_every_stage_killed_at_a_random_moment_recovers_byte_identical_with_no_r
     for stage in STAGES:  # each stage really was killed (not finished first) and recovered
         line = next(line for line in lines if line.startswith(f"SIGKILL {stage}, run it again"))
         assert " ok " in line and "killed at" in line, line
-    for scenario in ("SIGKILL train@scratch, dvc repro (run cache)", "two dvc repro at once",
+    for scenario in ("SIGKILL scratch@scratch, dvc repro (run cache)", "two dvc repro at once",
                      "SIGKILL dvc and its stage"):
         assert any(line.startswith(scenario) and " ok " in line for line in lines), report[-6000:]

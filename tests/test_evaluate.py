@@ -302,7 +302,7 @@ def test_a_missing_model_names_the_folder_and_the_stage_to_run(workspace: Path, 
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["variants"]["scratch"] = {"scratch": {}, "lenet": {}}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    with pytest.raises(FileNotFoundError, match=r"models/lenet: no model; run `dvc repro train@lenet`"):
+    with pytest.raises(FileNotFoundError, match=r"models/lenet: no model; run `dvc repro scratch@lenet`"):
         _run_stage(workspace, monkeypatch)
     params["variants"]["scratch"] = {"scratch": {}, "ensemble": {}}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

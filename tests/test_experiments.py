@@ -59,8 +59,8 @@ def test_a_queued_sweep_on_two_workers_lands_in_the_repositorys_store(tmp_path: 
         exp_data = next(iter(experiments[name]["revs"]))["data"]
         assert exp_data["params"]["params.yaml"]["data"]["train"]["lr"] == lr
         runs_of = {r.data.tags.get("stage"): r for r in by_name[name]}
-        assert {"train@scratch", "evaluate"} <= set(runs_of), (name, list(runs_of))
-        train = runs_of["train@scratch"]
+        assert {"scratch@scratch", "evaluate"} <= set(runs_of), (name, list(runs_of))
+        train = runs_of["scratch@scratch"]
         assert train.info.status == "FINISHED" and train.data.params["lr"] == str(lr)
         # The run's artifacts (its model) are in the repository's mlruns/, not in the deleted copy.
         assert train.info.artifact_uri.startswith(str(ws / "mlruns")), train.info.artifact_uri

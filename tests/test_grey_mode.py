@@ -54,7 +54,7 @@ def test_grey_split_trains_a_one_channel_model_that_serves_colour_uploads(
         seen["train"], seen["val"] = tuple(train.images.shape), tuple(val.images.shape)
         return engine.fit(model, train, val, cfg, **kw)
 
-    monkeypatch.setattr("cnnlab.stages.train.fit", fit)
+    monkeypatch.setattr("cnnlab.stages.scratch.fit", fit)
     result, out = _train(grey_split, None, tmp_path / "grey", variant="grey", dropout=0.0)
 
     n_train = len(read_manifest(grey_split, "train"))

@@ -1,6 +1,6 @@
 """The MLproject entry points, run as `mlflow run` runs them, in a throwaway copy of the project.
 
-`train -P variant=...` must hand over to `dvc repro train@<variant>` (which runs the stages it
+`train -P variant=...` must hand over to `dvc repro scratch@<variant>` (which runs the stages it
 needs first, with the workspace's params.yaml), and `predict` must classify with the model that
 run logged. The source is a folder of colour photos split with ``color_mode: grey``, so the same
 run also shows grey data going through the real pipeline into a one-channel model.
@@ -64,23 +64,23 @@ def test_train_and_predict_entry_points_on_a_grey_split(tmp_path: Path, monkeypa
     uri = use_mlflow_store(monkeypatch, ws)  # the stages' default store is this one too
     client = mlflow.MlflowClient(uri)
 
-    _mlflow_run(ws, uri, "train", variant="scratch")
+    _mlflow_run(ws, uri, "scratch", variant="scratch")
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
-    assert {"download", "split", "train@scratch"} <= set(lock)
-    # only train@scratch and what it needs ran: no other variant, nothing downstream
-    assert not [s for s in lock if "@" in s and s != "train@scratch"] and not {"evaluate", "register"} & set(lock)
+    assert {"download", "split", "scratch@scratch"} <= set(lock)
+    # only scratch@scratch and what it needs ran: no other variant, nothing downstream
+    assert not [s for s in lock if "@" in s and s != "scratch@scratch"] and not {"evaluate", "register"} & set(lock)
     for row in (ws / "data" / "split" / "train.csv").read_text().splitlines()[1:]:
         with Image.open(ws / "data" / "split" / row.split(",")[0]) as im:
             assert im.mode == "L"  # the colour photos, made grey by color_mode
     spec = json.loads((ws / "data" / "models" / "scratch" / "spec.json").read_text())
     assert spec["mode"] == "L" and len(spec["mean"]) == 1 and spec["classes"] == sorted(CLASSES)
 
-    project = _project_run(client, "train")
+    project = _project_run(client, "scratch")
     assert project.info.status == "FINISHED" and project.data.params == {"variant": "scratch"}
     info = json.loads((ws / "data" / "models" / "scratch" / "run.json").read_text())
     stage_run = client.get_run(info["run_id"])
     assert stage_run.info.run_id != project.info.run_id  # the stage's own run, not the wrapper's
-    assert stage_run.info.status == "FINISHED" and stage_run.data.tags["stage"] == "train@scratch"
+    assert stage_run.info.status == "FINISHED" and stage_run.data.tags["stage"] == "scratch@scratch"
     assert client.get_experiment(stage_run.info.experiment_id).name == "cnnlab"
 
     model_uri = publish_variant(info["run_id"], ws / "data" / "models" / "scratch", ws / "data" / "split")

@@ -99,7 +99,7 @@ CHANCE = 0.1
 TEST_FLOOR = 0.3
 VARIANTS = ("scratch", "regularized", "feature_extract", "fine_tune")
 METRICS_FILES = tuple(f"data/metrics/{name}.json" for name in ("split", "augment", *VARIANTS, "evaluate"))
-STAGES = ("download", "split", "augment", "train@scratch", "train@regularized", "feature_extract@feature_extract",
+STAGES = ("download", "split", "augment", "scratch@scratch", "scratch@regularized", "feature_extract@feature_extract",
           "fine_tune@fine_tune", "evaluate", "register")
 
 
@@ -267,7 +267,7 @@ def test_adding_a_variant_trains_only_it_and_removing_it_drops_it_everywhere(ful
     added = _dvc(ws, "repro")
     assert added.returncode == 0, added.stdout[-3000:] + added.stderr[-3000:]
     ran = sorted(line.split("'")[1] for line in added.stdout.splitlines() if line.startswith("Running stage"))
-    assert ran == ["evaluate", "register", "train@lenet"], added.stdout[-3000:]
+    assert ran == ["evaluate", "register", "scratch@lenet"], added.stdout[-3000:]
     evaluated = json.loads((ws / "data/metrics/evaluate.json").read_text())
     assert "lenet" in evaluated
     assert {"lenet_vs_fine_tune", "scratch_vs_lenet"} <= set(evaluated["mcnemar"])

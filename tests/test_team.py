@@ -74,7 +74,7 @@ def test_the_pipeline_runs_against_the_team_server_and_the_bucket_is_a_dvc_remot
 
     client_env = team_stack.client_env()
     defaults = yaml.safe_load((REPO / "params.yaml").read_text())
-    # One variant of each kind; the training stages (train@*, fine_tune@*) as 2 torchrun processes.
+    # One variant of each kind; the training stages (scratch@*, fine_tune@*) as 2 torchrun processes.
     variants = {"scratch": {"scratch": {}}, "feature_extract": {"feature_extract": {}},
                 "fine_tune": {"fine_tune": {"from": "feature_extract"}}}
     ws = git_workspace(tmp_path / "ws", variants=variants, fine_tune={"epochs": 1}, distributed={"nproc_per_node": 2},
@@ -83,7 +83,7 @@ def test_the_pipeline_runs_against_the_team_server_and_the_bucket_is_a_dvc_remot
     done = run(ws, "dvc", "repro", extra_env=client_env)
     print(f"\ndvc repro against the team server: {time.perf_counter() - started:.0f} s")
     assert not (ws / "mlflow.db").exists() and not (ws / "mlruns").exists()
-    assert "train@scratch: device cpu" in done.stderr and "2 processes (batch 64 each)" in done.stderr
+    assert "scratch@scratch: device cpu" in done.stderr and "2 processes (batch 64 each)" in done.stderr
     assert "fine_tune@fine_tune: device cpu" in done.stderr and "2 processes (batch 32 each)" in done.stderr
 
     # Every variant's run is on the server, FINISHED, with its model's files in the bucket.
@@ -151,13 +151,13 @@ def test_a_stage_without_rights_or_with_a_wrong_password_stops_with_a_clear_erro
                                                   "fine_tune": {}})
     run(ws, "dvc", "repro", "augment")  # no MLflow yet
     # Runs go to the experiment the admin's run created; the viewer may read it, not write.
-    run(ws, "dvc", "repro", "train@scratch", extra_env=client_env)
+    run(ws, "dvc", "repro", "scratch@scratch", extra_env=client_env)
     viewer = {**client_env, "MLFLOW_TRACKING_USERNAME": "viewer", "MLFLOW_TRACKING_PASSWORD": "viewer-password-123"}
-    denied = run(ws, "dvc", "repro", "-f", "-s", "train@scratch", check=False, extra_env=viewer)
+    denied = run(ws, "dvc", "repro", "-f", "-s", "scratch@scratch", check=False, extra_env=viewer)
     assert denied.returncode != 0
     assert "denied user 'viewer' (403)" in denied.stderr and "Traceback" not in denied.stderr, denied.stderr[-3000:]
     wrong = {**client_env, "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
-    refused = run(ws, "dvc", "repro", "-f", "-s", "train@scratch", check=False, extra_env=wrong)
+    refused = run(ws, "dvc", "repro", "-f", "-s", "scratch@scratch", check=False, extra_env=wrong)
     assert refused.returncode != 0
     assert "did not accept user 'admin' (401)" in refused.stderr and "Traceback" not in refused.stderr, \
         refused.stderr[-3000:]

@@ -19,7 +19,7 @@ from cnnlab.data.augment import run_augment
 from cnnlab.data.split import read_manifest, run_split
 from cnnlab.data.tensors import TrainSet
 from cnnlab.training.outputs import TrainOutputs
-from cnnlab.stages.train import train_variant
+from cnnlab.stages.scratch import train_variant
 from conftest import use_mlflow_store
 from helpers.served import publish_variant
 
@@ -57,7 +57,7 @@ def test_train_variant_writes_outputs_and_a_complete_mlflow_run(store: str, data
     result, out = _train(split, aug, tmp_path / "a")
     run = mlflow.MlflowClient().get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["variant"] == "regularized" and run.data.tags["stage"] == "train@regularized"
+    assert run.data.tags["variant"] == "regularized" and run.data.tags["stage"] == "scratch@regularized"
     assert run.data.params["train.arch"] == "tinyvgg"
     history = mlflow.MlflowClient().get_metric_history(result["run_id"], "val_accuracy")
     assert [m.step for m in history] == [1, 2]
@@ -130,7 +130,7 @@ def fit_spy(monkeypatch: pytest.MonkeyPatch) -> list[FitCall]:
             lambda mod, args: call.batches.append(args[0].clone()) if mod.training else None)
         return engine.fit(model, train, val, cfg, **kw)
 
-    monkeypatch.setattr("cnnlab.stages.train.fit", spy)
+    monkeypatch.setattr("cnnlab.stages.scratch.fit", spy)
     return calls
 
 
@@ -221,7 +221,7 @@ def test_a_failing_run_is_marked_failed(store: str, data_dirs, tmp_path: Path, m
     def fit(*args, **kwargs):  # a failure inside the run, e.g. out of memory in an epoch
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("cnnlab.stages.train.fit", fit)
+    monkeypatch.setattr("cnnlab.stages.scratch.fit", fit)
     with pytest.raises(RuntimeError, match="boom"):
         _train(split, aug, tmp_path / "x")
     runs = mlflow.search_runs(experiment_names=["test"])

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -130,105 +137,124 @@ class AugmentParams(_Section):
         return self
 
 
-TrainData = Literal["data/split", "data/augmented"]
+# What a variant trains on: the split's training images, or those plus the augment stage's copies.
+TrainData = Literal["original", "augmented"]
+Positive = Annotated[int, Field(ge=1)]
+Epochs = Annotated[int, Field(ge=1, le=10_000)]
+BatchSize = Annotated[int, Field(ge=1, le=65_536)]
+LearningRate = Annotated[float, Field(gt=0.0, le=10.0)]
+WeightDecay = Annotated[float, Field(ge=0.0, le=1.0)]
+Optimizer = Literal["adam", "adamw", "sgd", "rmsprop"]
+Scheduler = Literal["none", "step", "cosine", "plateau", "onecycle"]
+Smoothing = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-class TrainParams(_Section):
-    """The from-scratch kind's settings: what every `scratch` variant starts from."""
+class RuntimeParams(_Section):
+    """Where and at what precision a stage computes; "auto" is resolved from the machine's
+    capabilities when the stage starts (`cnnlab.training.hardware.resolve_runtime`)."""
+
+    precision: PrecisionName = "auto"
+    channels_last: bool = True
+    device: DeviceName = "auto"
+    tf32: bool = True
+
+
+class FitParams(_Section):
+    """Everything the training loop (`cnnlab.training.engine.fit`) reads."""
+
+    epochs: Epochs = 40
+    batch_size: BatchSize = 64
+    optimizer: Optimizer = "adamw"
+    lr: LearningRate = 0.001
+    weight_decay: WeightDecay = 0.0001
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    scheduler: Scheduler = "cosine"
+    step_size: Positive = 10
+    gamma: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    early_stopping_patience: Positive | None = 20
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    label_smoothing: Smoothing = 0.0
+    focal_gamma: Annotated[float, Field(ge=0.0)] = 2.0
+    class_weights: Literal["none", "balanced"] = "none"
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = None
+    accumulation_steps: Positive = 1
+    runtime: RuntimeParams = RuntimeParams()
+
+    @model_validator(mode="after")
+    def _loss_options(self) -> FitParams:
+        if self.loss == "focal" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to cross_entropy only; set it to 0 with loss: focal")
+        return self
+
+    def fit_params(self) -> FitParams:
+        """The loop's settings alone (what a checkpoint and the engine see)."""
+        return FitParams(**self.model_dump(include=set(FitParams.model_fields)))
+
+
+class ScratchParams(FitParams):
+    """Kind `scratch` (stage `scratch@<name>`): a net from the model zoo trained from random init."""
 
     arch: Annotated[str, Field(min_length=1)] = "simple_cnn"
     arch_kwargs: dict[str, int | float | str | bool | list[int | str]] = {}
     image_size: Annotated[int, Field(ge=8, le=1024)] = 28
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    train_data: TrainData = "data/split"
+    train_data: TrainData = "original"
     on_the_fly: bool = False
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 40
-    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
-    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adamw"
-    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
-    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0001
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    scheduler: Literal["none", "step", "cosine", "plateau", "onecycle"] = "cosine"
-    step_size: Annotated[int, Field(ge=1)] = 10
-    gamma: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    early_stopping_patience: Annotated[int, Field(ge=1)] | None = 20
-    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    focal_gamma: Annotated[float, Field(ge=0.0)] = 2.0
-    class_weights: Literal["none", "balanced"] = "none"
-    grad_clip: Annotated[float, Field(gt=0.0)] | None = None
-    accumulation_steps: Annotated[int, Field(ge=1)] = 1
     init: Literal["default", "kaiming"] = "default"
-    precision: PrecisionName = "auto"
-    channels_last: bool = True
-    device: DeviceName = "auto"
-    tf32: bool = True
 
     @model_validator(mode="after")
-    def _compatible(self) -> TrainParams:
-        if self.loss == "focal" and self.label_smoothing:
-            raise ValueError("label_smoothing applies to cross_entropy only; set it to 0 with loss: focal")
-        if self.on_the_fly and self.train_data != "data/augmented":
-            raise ValueError("on_the_fly augmentation uses the augment stage's policy: set train_data: data/augmented")
+    def _augmentation_source(self) -> ScratchParams:
+        if self.on_the_fly and self.train_data != "augmented":
+            raise ValueError("on_the_fly augmentation uses the augment stage's policy: set train_data: augmented")
         return self
 
 
-class _LoopParams(_Section):
-    """The training-loop settings that the transfer stages expose (a subset of TrainParams)."""
+class HeadParams(_Section):
+    """How the head on top of a frozen backbone trains (on vectors: fp32, no channels_last)."""
 
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 100
-    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
-    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adamw"
-    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
-    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0001
-    scheduler: Literal["none", "step", "cosine", "plateau", "onecycle"] = "cosine"
-    early_stopping_patience: Annotated[int, Field(ge=1)] | None = 20
-
-
-class HeadParams(_LoopParams):
-    """How the head on top of a frozen backbone trains."""
-
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    epochs: Epochs = 100
+    batch_size: BatchSize = 64
+    optimizer: Optimizer = "adamw"
+    lr: LearningRate = 0.001
+    weight_decay: WeightDecay = 0.0001
+    scheduler: Scheduler = "cosine"
+    early_stopping_patience: Positive | None = 20
+    label_smoothing: Smoothing = 0.0
 
 
 class FeatureExtractParams(_Section):
+    """Kind `feature_extract`: a frozen ImageNet backbone, its features cached, a head trained on them."""
+
     backbone: Annotated[str, Field(min_length=1)] = "efficientnet_lite0"
-    train_data: TrainData = "data/split"
+    train_data: TrainData = "original"
     weights: str | None = "default"
     image_size: Annotated[int, Field(ge=16, le=1024)] = 128
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    precision: PrecisionName = "auto"
-    channels_last: bool = True
-    device: DeviceName = "auto"
-    tf32: bool = True
     head_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
-    head_hidden: Annotated[int, Field(ge=1)] | None = None
+    head_hidden: Positive | None = None
     head: HeadParams = HeadParams()
+    runtime: RuntimeParams = RuntimeParams()  # of the backbone's passes
 
-    def head_train_params(self) -> TrainParams:
-        """The engine config for the head: vectors in, so fp32 and no channels_last."""
-        return TrainParams(**self.head.model_dump(), precision="fp32", channels_last=False, device=self.device,
-                           tf32=self.tf32)
+    def head_fit_params(self) -> FitParams:
+        """The engine's settings for the head: vectors in, so fp32 and no channels_last."""
+        runtime = RuntimeParams(precision="fp32", channels_last=False, device=self.runtime.device,
+                                tf32=self.runtime.tf32)
+        return FitParams(**self.head.model_dump(), runtime=runtime)
 
 
-class FineTuneParams(_LoopParams):
-    train_data: Literal["data/split", "data/augmented"] = "data/split"
+class FineTuneParams(FitParams):
+    """Kind `fine_tune`: a feature_extract variant's model with its top blocks unfrozen."""
+
+    train_data: TrainData = "original"
     unfreeze_blocks: Annotated[int, Field(ge=1, le=100)] = 6
     block_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
     unfreeze_every: Annotated[int, Field(ge=0)] = 0
     train_bn: bool = False
     cache_frozen: bool = True
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 6
-    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
-    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.0003
-    early_stopping_patience: Annotated[int, Field(ge=1)] | None = 5
-    precision: PrecisionName = "auto"
-    channels_last: bool = True
-    device: DeviceName = "auto"
-    tf32: bool = True
-
-    def train_params(self) -> TrainParams:
-        return TrainParams(**self.model_dump(include=set(TrainParams.model_fields) - {"train_data"}))
+    epochs: Epochs = 6
+    batch_size: BatchSize = 32
+    lr: LearningRate = 0.0003
+    early_stopping_patience: Positive | None = 5
 
 
 class FineTuneVariant(FineTuneParams):
@@ -254,19 +280,19 @@ class RegistryParams(_Section):
 
 # A variant's kind, the params.yaml section it overrides, and the DVC stage that trains it.
 KINDS: dict[str, tuple[str, str]] = {
-    "scratch": ("train", "train"),
+    "scratch": ("scratch", "scratch"),
     "feature_extract": ("feature_extract", "feature_extract"),
     "fine_tune": ("fine_tune", "fine_tune"),
 }
-# A variant's name is a DVC stage key (train@<name>), a folder (data/models/<name>), a params.yaml key
+# A variant's name is a DVC stage key (scratch@<name>), a folder (data/models/<name>), a params.yaml key
 # path (variants.scratch.<name>: no dots) and an MLflow run name.
 VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 # Keys of their own in evaluate's outputs (the ensemble row, the McNemar tests, the summary run).
 RESERVED_NAMES = ("ensemble", "mcnemar", "evaluate")
 # Section fields that are sections themselves: a variant overrides their keys one by one.
-_NESTED = ("head",)
+_NESTED = ("head", "runtime")
 
-VariantSettings = TrainParams | FeatureExtractParams | FineTuneVariant
+VariantSettings = ScratchParams | FeatureExtractParams | FineTuneVariant
 
 
 @dataclass(frozen=True)
@@ -275,12 +301,12 @@ class Variant:
 
     name: str
     kind: str  # scratch | feature_extract | fine_tune
-    settings: Any  # TrainParams (scratch), FeatureExtractParams, FineTuneVariant
+    settings: Any  # ScratchParams, FeatureExtractParams or FineTuneVariant
     overrides: dict[str, Any]  # what the entry itself sets
 
     @property
     def stage(self) -> str:
-        """The DVC stage that trains it, e.g. ``train@scratch``."""
+        """The DVC stage that trains it, e.g. ``scratch@regularized``."""
         return f"{KINDS[self.kind][1]}@{self.name}"
 
 
@@ -288,8 +314,8 @@ class VariantsParams(_Section):
     """``variants``: one map per kind, variant name -> the keys it changes in that kind's section."""
 
     scratch: dict[str, dict[str, Any] | None] = {
-        "scratch": {"dropout": 0.0, "train_data": "data/split"},
-        "regularized": {"dropout": 0.3, "train_data": "data/augmented", "epochs": 100},
+        "scratch": {"dropout": 0.0, "train_data": "original"},
+        "regularized": {"dropout": 0.3, "train_data": "augmented", "epochs": 100},
     }
     feature_extract: dict[str, dict[str, Any] | None] = {"feature_extract": {}}
     fine_tune: dict[str, dict[str, Any] | None] = {"fine_tune": {"from": "feature_extract"}}
@@ -301,7 +327,7 @@ class Params(_Section):
     download: DownloadParams = DownloadParams()
     split: SplitParams = SplitParams()
     augment: AugmentParams = AugmentParams()
-    train: TrainParams = TrainParams()
+    scratch: ScratchParams = ScratchParams()
     feature_extract: FeatureExtractParams = FeatureExtractParams()
     fine_tune: FineTuneParams = FineTuneParams()
     variants: VariantsParams = VariantsParams()
@@ -364,7 +390,7 @@ def _entry_errors(exc: ValidationError, where: str, model: type[BaseModel], merg
         loc = [str(p) for p in err["loc"]]
         key = ".".join([where, *loc])
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(f.alias or n for n, f in model.model_fields.items())
+            allowed = ", ".join(_allowed(model))
             lines.append(f"{key}: unknown key (allowed here: {allowed})")
         elif err["type"] == "missing":
             lines.append(f"{key}: required")
@@ -378,6 +404,15 @@ def _entry_errors(exc: ValidationError, where: str, model: type[BaseModel], merg
     return lines
 
 
+def _allowed(model: type[BaseModel]) -> list[str]:
+    """A section's keys as its class declares them, its own before those it inherits (a variant's
+    ``arch`` before the loop's ``epochs``), by their params.yaml names."""
+    names: list[str] = []
+    for cls in model.__mro__:
+        names += [n for n in vars(cls).get("__annotations__", {}) if n in model.model_fields and n not in names]
+    return [model.model_fields[n].alias or n for n in names]
+
+
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) if loc else "(top level)"
@@ -388,7 +423,7 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
                 model = model.model_fields[part].annotation
             else:  # dict[str, Section]: this part is a user-chosen key such as a variant name
                 model = get_args(model)[1]
-        allowed = ", ".join(model.model_fields)
+        allowed = ", ".join(_allowed(model))
         return f"{key}: unknown key (allowed here: {allowed})"
     if err["type"] == "value_error":  # our own cross-field rules: the message already says it all
         msg = err["msg"].removeprefix("Value error, ")

@@ -10,8 +10,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +43,27 @@ def staged_dir(dest: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + ``os.replace`` so readers see the old or the new file, never half."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Have ``write`` fill a temp file beside ``path``, then ``os.replace`` it there: readers see the
+    old file or the new one, never half of one. A write cut short by SIGKILL leaves a temp file
+    named after this process (`temp_prefix`), which the stage's watcher or the next write removes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name))
+    os.close(fd)
     try:
-        mode = 0o666 & ~_umask()  # mkstemp makes it owner-only (0600)
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, mode)
-        else:  # Windows before Python 3.13; chmod there only sets the read-only flag, by path
-            os.chmod(tmp, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        # mkstemp makes it owner-only (0600); on Windows chmod only sets the read-only flag
+        os.chmod(tmp, 0o666 & ~_umask())
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of UTF-8 text."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def remove_leftovers(dest: Path) -> None:

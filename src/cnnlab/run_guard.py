@@ -27,6 +27,7 @@ for a run), so it starts without the cnnlab package.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+_log = logging.getLogger("cnnlab.run_guard")
 
 OWNER_TAG = "cnnlab.owner"
 ENDED_TAG = "cnnlab.ended_by"
@@ -71,8 +74,8 @@ def end_stale_runs(client: Any, experiment_ids: list[str]) -> list[str]:
         if tag and owner_alive(tag) is False:
             client.set_tag(run.info.run_id, ENDED_TAG, f"cnnlab: its process ({tag}) was gone")
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
-            print(f"ended run {run.info.run_id} ({run.info.run_name}) KILLED: the process that ran it is gone",
-                  file=sys.stderr)
+            _log.warning("ended run %s (%s) KILLED: the process that ran it is gone", run.info.run_id,
+                         run.info.run_name)
             ended.append(run.info.run_id)
     return ended
 

@@ -26,17 +26,22 @@ def run_params(variant: Variant, variants: dict[str, Variant], seed: int) -> dic
     s = variant.settings
     out: dict[str, Any] = {"variant": variant.name, "kind": variant.kind, "seed": seed}
     if variant.kind == "scratch":
-        out.update(s.model_dump())
+        out.update(_flat(s))
     elif variant.kind == "feature_extract":
         out.update(_backbone(s))
         out.update({k: getattr(s.head, k) for k in _LOOP}, label_smoothing=s.head.label_smoothing,
-                   train_data=s.train_data, extract_batch_size=s.batch_size, precision=s.precision,
-                   device=s.device, channels_last=s.channels_last, tf32=s.tf32)
+                   train_data=s.train_data, extract_batch_size=s.batch_size, **s.runtime.model_dump())
     else:  # fine_tune: the backbone, input size and head come from the variant it starts from
         start = variants[s.from_].settings
         out.update(_backbone(start))
-        out.update(s.model_dump(by_alias=True))
+        out.update(_flat(s))
     return {k: out[k] for k in COMMON} | {k: v for k, v in sorted(out.items()) if k not in COMMON}
+
+
+def _flat(settings: Any) -> dict[str, Any]:
+    """The section's keys, its runtime's among them: ``precision``, not ``runtime.precision``."""
+    out = settings.model_dump(by_alias=True)
+    return {**out, **out.pop("runtime")}
 
 
 def _backbone(fx: Any) -> dict[str, Any]:

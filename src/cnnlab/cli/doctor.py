@@ -23,9 +23,22 @@ from typing import Any
 
 import torch
 
-from cnnlab.config import ConfigError, DownloadParams, FeatureExtractParams, Params, load_params
+from cnnlab.config import (
+    ConfigError,
+    DownloadParams,
+    FeatureExtractParams,
+    Params,
+    load_params,
+)
 from cnnlab.data.idx import FASHION_MNIST_FILES
-from cnnlab.training.hardware import cpu_features, cpu_name, mps_available, resolve_device, resolve_runtime, usable_cores
+from cnnlab.training.hardware import (
+    cpu_features,
+    cpu_name,
+    mps_available,
+    resolve_device,
+    resolve_runtime,
+    usable_cores,
+)
 
 SETUP_FIX = "run `make setup` (installs requirements.lock into .venv)"
 # Every one of these runs in the default pipeline: dvc drives it, mlflow logs it, timm builds
@@ -35,7 +48,7 @@ REQUIRED_PACKAGES = ("torchvision", "mlflow", "dvc", "timm")
 
 @dataclass(frozen=True)
 class Finding:
-    """A problem or a warning: ``where`` is a params key (``train.device``) or a component."""
+    """A problem or a warning: ``where`` is a params key (``scratch.runtime.device``) or a component."""
 
     where: str
     message: str
@@ -88,13 +101,15 @@ def devices() -> dict[str, Any]:
 
 def stages(params: Params, report: Report) -> dict[str, Any]:
     """Each stage's resolved runtime, exactly as the stage will call `resolve_runtime`."""
-    settings = {name: dict(device=s.device, precision=s.precision, channels_last=s.channels_last, tf32=s.tf32)
-                for name, s in (("train", params.train), ("feature_extract", params.feature_extract),
-                                ("fine_tune", params.fine_tune))}
+    # stage -> (the params key its runtime is read from, the runtime settings)
+    settings = {name: (f"{name}.runtime", section.runtime.model_dump())
+                for name, section in (("scratch", params.scratch), ("feature_extract", params.feature_extract),
+                                      ("fine_tune", params.fine_tune))}
     # evaluate fixes everything but the device, so its figures are the models', not the hardware's
-    settings["evaluate"] = dict(device=params.evaluate.device, precision="fp32", channels_last=True, tf32=False)
+    settings["evaluate"] = ("evaluate", dict(device=params.evaluate.device, precision="fp32", channels_last=True,
+                                             tf32=False))
     out: dict[str, Any] = {}
-    for name, kwargs in settings.items():
+    for name, (where, kwargs) in settings.items():
         # Device first, so a problem names the key to change: device or precision.
         key = "device"
         try:
@@ -103,7 +118,7 @@ def stages(params: Params, report: Report) -> dict[str, Any]:
             rt = resolve_runtime(**kwargs)
         except ValueError as e:
             out[name] = {"error": str(e)}
-            report.problems.append(Finding(f"{name}.{key}", str(e), f"set {name}.{key} in {report.params}"))
+            report.problems.append(Finding(f"{where}.{key}", str(e), f"set {where}.{key} in {report.params}"))
             continue
         out[name] = {"device": rt.device.type, "precision": rt.precision, "summary": rt.describe()}
     return out
@@ -111,7 +126,9 @@ def stages(params: Params, report: Report) -> dict[str, Any]:
 
 def mlflow_facts() -> dict[str, Any]:
     """The store the stages log to (a relative sqlite path is relative to the repository root)."""
-    from cnnlab.tracking.runs import tracking_uri  # imports mlflow: only here, where it is known present
+    from cnnlab.tracking.runs import (
+        tracking_uri,  # imports mlflow: only here, where it is known present
+    )
 
     return {"tracking_uri": tracking_uri(), "MLFLOW_TRACKING_URI": "set" if os.environ.get("MLFLOW_TRACKING_URI")
             else "not set (the default store)"}

@@ -15,17 +15,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cnnlab.cli.predict import (DEFAULT_MODEL_URI, IMAGE_EXTENSIONS, PARAMS_FILE, CliError, _as_json, default_model_uri,
-                                find_images, format_table, load_model, predict_files)
+from cnnlab.cli.predict import (
+    DEFAULT_MODEL_URI,
+    IMAGE_EXTENSIONS,
+    PARAMS_FILE,
+    CliError,
+    _as_json,
+    default_model_uri,
+    find_images,
+    format_table,
+    load_model,
+    predict_files,
+)
+from cnnlab.logs import configure
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    configure(logging.WARNING)  # the package's warnings; the commands print their own output
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
@@ -77,7 +90,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     # The model's log-time artifacts download draws progress bars on stderr: noise in a CLI.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if files:
-        from cnnlab.serving.pyfunc import limit_threads  # torch: not for --help or usage errors
+        from cnnlab.serving.pyfunc import (
+            limit_threads,  # torch: not for --help or usage errors
+        )
 
         limit_threads()  # an entry point: this process is ours to tune
     model = load_model(uri) if files else None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 # The object API, not pyplot: importing cnnlab must not switch the caller's matplotlib backend.
 from matplotlib.figure import Figure
 from PIL import Image
@@ -117,12 +118,9 @@ def save_preview(path: Path, rows: Sequence[tuple[str, torch.Tensor, list[torch.
     fig.savefig(path, dpi=100)
 
 
-def run_augment(
-    split_dir: Path, out_dir: Path, preview_path: Path, *, policy_params: AugmentParams, copies: int, seed: int,
-    preview_images: int,
-) -> dict:
-    """Write ``copies`` augmented versions of every training image plus a preview grid."""
-    policy = build_policy(policy_params)
+def run_augment(split_dir: Path, out_dir: Path, preview_path: Path, cfg: AugmentParams, *, seed: int) -> dict:
+    """Write ``cfg.copies`` augmented versions of every training image plus a preview grid."""
+    policy, copies, preview_images = build_policy(cfg), cfg.copies, cfg.preview_images
     rows = read_manifest(split_dir, "train")
     preview_idx = preview_picks([r["label"] for r in rows], preview_images, seed)
     preview = []
@@ -148,7 +146,7 @@ def run_augment(
                     preview.append((row["class"], original, augmented[:6]))
             write_csv(tmp / "train.csv", MANIFEST_FIELDS, out_rows)
             # The policy travels with its copies, so training can augment on the fly with it.
-            write_json(tmp / "policy.json", policy_params.model_dump())
+            write_json(tmp / "policy.json", cfg.model_dump())
     finally:
         torch.set_num_threads(threads)
     preview_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,14 +19,20 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from cnnlab.config import SplitParams
 from cnnlab.data.folders import scan_image_folder
 from cnnlab.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
-from cnnlab.data.images import IMAGE_EXTENSIONS, ImageDecodeError, convert_mode, downscale, load_image
+from cnnlab.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    convert_mode,
+    downscale,
+    load_image,
+)
 from cnnlab.data.sources import read_source_info
 from cnnlab.files import staged_dir, write_csv, write_json
 from cnnlab.progress import progress
@@ -148,35 +154,22 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def run_split(
-    raw_dir: Path,
-    out_dir: Path,
-    *,
-    seed: int,
-    val_fraction: float,
-    test_fraction: float,
-    max_train_per_class: int | None,
-    max_val_per_class: int | None,
-    max_test_per_class: int | None,
-    max_image_pixels: int,
-    max_side: int | None,
-    color_mode: Literal["auto", "rgb", "grey"],
-) -> dict:
+def run_split(raw_dir: Path, out_dir: Path, cfg: SplitParams, *, seed: int) -> dict:
     """Verify, split and write ``out_dir`` (see the module docstring); returns counts for metrics."""
     info = read_source_info(raw_dir)
     if info["format"] == "idx":
         ds = _from_idx(raw_dir)
     else:
-        ds = _from_folder(raw_dir, max_pixels=max_image_pixels)
-    mode = {"grey": "L", "rgb": "RGB"}.get(color_mode, "L" if ds.grey else "RGB")
+        ds = _from_folder(raw_dir, max_pixels=cfg.max_image_pixels)
+    mode = {"grey": "L", "rgb": "RGB"}.get(cfg.color_mode, "L" if ds.grey else "RGB")
     picks = stratified_split(
-        ds.labels, ds.official, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-        caps={"train": max_train_per_class, "val": max_val_per_class, "test": max_test_per_class},
+        ds.labels, ds.official, seed=seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+        caps={"train": cfg.max_train_per_class, "val": cfg.max_val_per_class, "test": cfg.max_test_per_class},
         class_names=ds.classes,
     )
 
     def render(i: int) -> bytes:
-        return _png_bytes(downscale(convert_mode(ds.load(i), mode), max_side))
+        return _png_bytes(downscale(convert_mode(ds.load(i), mode), cfg.max_side))
 
     with staged_dir(out_dir) as tmp:
         for split in SPLITS:
@@ -193,8 +186,8 @@ def run_split(
             write_csv(tmp / f"{split}.csv", MANIFEST_FIELDS, rows[split])
         write_json(tmp / "classes.json", ds.classes)
         # Serving repeats these steps on raw uploads, so a served image gets the pixels this split gave.
-        write_json(tmp / "preprocess.json", {"color_mode": mode, "max_side": max_side,
-                                             "max_image_pixels": max_image_pixels})
+        write_json(tmp / "preprocess.json", {"color_mode": mode, "max_side": cfg.max_side,
+                                             "max_image_pixels": cfg.max_image_pixels})
         write_csv(tmp / "quarantine.csv", ("file", "reason"),
                   ({"file": f, "reason": r} for f, r in sorted(ds.quarantine)))
         summary = {

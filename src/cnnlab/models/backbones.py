@@ -12,7 +12,7 @@ never come from the network silently:
   unless ``CNNLAB_OFFLINE`` is set; ``timm:`` weights are never downloaded here. Otherwise
   `WeightsUnavailableError` says how to provide them.
 
-Importing this module registers the classifier kind "backbone" (callers must
+Importing this module registers the classifier kind "pretrained" (callers must
 ``import cnnlab.models.backbones`` before `build_classifier` sees such a spec). That builder
 always builds with ``weights=None``: `load_classifier` loads the saved full state dict right
 after, so rebuilding a saved model never needs the network or the package file. To start
@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from cnnlab.files import file_digest
-
 
 __all__ = [
     "BackboneInfo",

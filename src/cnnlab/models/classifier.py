@@ -9,8 +9,6 @@ and serving feed it the same thing. A model is saved as ``spec.json`` (how to re
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ Builder = Callable[["ModelSpec"], nn.Module]
 
 def register_kind(kind: str) -> Callable[[Builder], Builder]:
     """Register how to build the inner network for specs of a new ``kind`` (the built-in ones are
-    "zoo" and "backbone")."""
+    "scratch" and "pretrained")."""
 
     def deco(fn: Builder) -> Builder:
         _BUILDERS[kind] = fn
@@ -38,7 +36,7 @@ def register_kind(kind: str) -> Callable[[Builder], Builder]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    kind: str  # which builder: "zoo" (from-scratch architectures) or a later kind
+    kind: str  # which builder: "scratch" (the model zoo, random init), "pretrained" (a backbone + head)
     arch: str
     classes: list[str]
     mode: Literal["L", "RGB"]  # input colour mode; channels = 1 or 3
@@ -83,7 +81,7 @@ def _zoo_net(spec: ModelSpec) -> nn.Module:
 
 
 def backbone_net(spec: ModelSpec, *, weights: str | None) -> backbones.BackboneNet:
-    """Inner network for a "backbone" spec. ``spec.kwargs``: dropout (0.0), hidden (None), weights
+    """Inner network for a "pretrained" spec. ``spec.kwargs``: dropout (0.0), hidden (None), weights
     (read only by `build_pretrained_classifier`). RGB specs must normalize like the backbone."""
     unknown = sorted(set(spec.kwargs) - {"dropout", "hidden", "weights"})
     if unknown:
@@ -110,29 +108,21 @@ def _backbone_kind_net(spec: ModelSpec) -> nn.Module:
 
 
 def build_pretrained_classifier(spec: ModelSpec) -> Classifier:
-    """A new "backbone" Classifier whose features start from ``spec.kwargs["weights"]`` ("default")."""
-    if spec.kind != "backbone":
-        raise ValueError(f"expected a spec of kind 'backbone', got {spec.kind!r}")
+    """A new "pretrained" Classifier whose features start from ``spec.kwargs["weights"]`` ("default")."""
+    if spec.kind != "pretrained":
+        raise ValueError(f"expected a spec of kind 'pretrained', got {spec.kind!r}")
     return Classifier(backbone_net(spec, weights=spec.kwargs.get("weights", "default")), spec.mean, spec.std)
 
 
-_BUILDERS: dict[str, Builder] = {"zoo": _zoo_net, "backbone": _backbone_kind_net}
+_BUILDERS: dict[str, Builder] = {"scratch": _zoo_net, "pretrained": _backbone_kind_net}
 
 
 def save_classifier(model: Classifier, spec: ModelSpec, folder: Path) -> None:
     """Write ``spec.json`` + ``weights.pt`` into ``folder``, each atomically."""
-    from cnnlab.files import atomic_write_text, remove_leftovers
-    from cnnlab.run_guard import temp_prefix
+    from cnnlab.files import atomic_write, atomic_write_text
 
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(folder / "weights.pt")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=temp_prefix("weights.pt"))
-    os.close(fd)
-    try:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, folder / "weights.pt")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(folder / "weights.pt", lambda tmp: torch.save(weights, tmp))
     atomic_write_text(folder / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
 
 

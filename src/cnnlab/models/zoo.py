@@ -4,7 +4,7 @@ Every builder takes ``(in_channels, num_classes, image_size, dropout=0.0, **own_
 returns a module mapping float normalized (N, C, H, W) to logits (N, num_classes). Flattened
 feature sizes are never hard-coded: they come from a dummy forward at build time, which also
 turns "image too small for this many poolings" into a ValueError that names the minimum size.
-The spec kind "zoo" (see `cnnlab.models.classifier`) builds its network through `create_model`.
+The spec kind "scratch" (see `cnnlab.models.classifier`) builds its network through `create_model`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-
 
 Builder = Callable[..., nn.Module]
 _MODELS: dict[str, Builder] = {}

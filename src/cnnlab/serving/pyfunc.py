@@ -50,10 +50,15 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Map
 
 import cnnlab
-from cnnlab.serving.batching import Coalescer
-from cnnlab.data.images import ImageDecodeError, convert_mode, downscale, load_image_bytes
+from cnnlab.data.images import (
+    ImageDecodeError,
+    convert_mode,
+    downscale,
+    load_image_bytes,
+)
 from cnnlab.data.preprocess import prepare
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
+from cnnlab.serving.batching import Coalescer
 
 IMAGE_COLUMN = "image"
 # The split stage's default max_image_pixels: serve what the pipeline itself would accept.

@@ -12,11 +12,9 @@ from cnnlab.data.augment import run_augment
 from cnnlab.files import write_json
 
 
-def augment(split_dir: Path, out_dir: Path, preview: Path, metrics: Path, *, policy: AugmentParams, copies: int,
-            seed: int, preview_images: int) -> dict:
+def augment(split_dir: Path, out_dir: Path, preview: Path, metrics: Path, cfg: AugmentParams, *, seed: int) -> dict:
     """Write ``out_dir`` (images, manifest, policy.json), the ``preview`` PNG and ``metrics``;
     returns the counts."""
-    summary = run_augment(split_dir, out_dir, preview, policy_params=policy, copies=copies, seed=seed,
-                          preview_images=preview_images)
+    summary = run_augment(split_dir, out_dir, preview, cfg, seed=seed)
     write_json(metrics, summary)
     return summary

@@ -5,35 +5,47 @@ the comparison tables and figures, and the MLflow records. The statistics live i
 
 from __future__ import annotations
 
+import logging
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cnnlab.config import ConfigError
+from cnnlab.config import ConfigError, EvaluateParams
 from cnnlab.data.tensors import TensorSet, load_split, split_classes
-from cnnlab.training.engine import predict_logits
-from cnnlab.training.features import FeatureCache, manifest_digest, trunk_digest
-from cnnlab.training.hardware import Runtime, resolve_runtime
-from cnnlab.evaluation.scoring import (ENSEMBLE, VariantResult, best_by_validation, comparison_markdown, comparison_table,
-                               ensemble_probabilities, mcnemar_markdown, mcnemar_pairs, mcnemar_table, score,
-                               softmax)
+from cnnlab.evaluation.figures import plot_accuracy, plot_confusion, plot_misclassified
+from cnnlab.evaluation.scoring import (
+    ENSEMBLE,
+    VariantResult,
+    best_by_validation,
+    comparison_markdown,
+    comparison_table,
+    ensemble_probabilities,
+    mcnemar_markdown,
+    mcnemar_pairs,
+    mcnemar_table,
+    score,
+    softmax,
+)
 from cnnlab.files import atomic_write_text, staged_dir, write_json
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
 from cnnlab.progress import progress
-from cnnlab.evaluation.figures import plot_accuracy, plot_confusion, plot_misclassified
 from cnnlab.tracking.runs import tracked_run, tracking_uri
+from cnnlab.training.engine import predict_logits
+from cnnlab.training.features import FeatureCache, manifest_digest, trunk_digest
+from cnnlab.training.hardware import Runtime, resolve_runtime
 
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Variant:
+class Trained:
+    """A variant's trained model as its stage left it in data/models/<name>/."""
+
     name: str
     model: Classifier
     spec: ModelSpec
@@ -41,62 +53,60 @@ class Variant:
     val_accuracy: float
 
 
-def evaluate_variants(
-    *,
-    variants: list[str],
-    stages: dict[str, str],
-    split_dir: Path,
-    models_dir: Path,
-    out_dir: Path,
-    plots_dir: Path,
-    metrics_file: Path,
-    batch_size: int,
-    bootstrap_samples: int,
-    confidence: float,
-    ensemble: bool,
-    misclassified: int,
-    seed: int,
-    experiment: str,
-    logged_params: dict[str, Any],
-    features_dir: Path | None = None,
-    device: str = "auto",
-) -> str:
-    """Evaluate ``models_dir/<variant>`` for each variant and write every output; returns the
-    comparison and McNemar tables as Markdown. ``stages`` maps a variant to the DVC stage that
-    trains it, for error messages. A frozen-backbone variant is scored from the test features
-    in ``features_dir/<variant>`` when they were made by exactly its backbone (see `cnnlab.training.features`)."""
+@dataclass(frozen=True)
+class EvaluatePaths:
+    """What evaluate reads and writes (from the dvc.yaml command line)."""
+
+    split_dir: Path
+    models_dir: Path  # <variant>/{spec.json, weights.pt, run.json}
+    features_dir: Path  # a frozen-backbone variant's cached test features, if it has any
+    out_dir: Path  # the tables
+    plots_dir: Path
+    metrics_file: Path  # DVC metrics
+
+
+def evaluate_variants(stages: dict[str, str], cfg: EvaluateParams, paths: EvaluatePaths, *, seed: int,
+                      experiment: str) -> str:
+    """Evaluate ``models_dir/<variant>`` for each variant in ``stages`` (variant -> the DVC stage
+    that trains it, for error messages) and write every output; returns the comparison and McNemar
+    tables as Markdown. A frozen-backbone variant is scored from the test features in
+    ``features_dir/<variant>`` when they were made by exactly its backbone (see
+    `cnnlab.training.features`)."""
+    variants = list(stages)
+    split_dir, models_dir = paths.split_dir, paths.models_dir
     _check_names(variants)
     # fp32 with TF32 off on any device: the reported numbers are the model's, not the hardware's.
-    rt = resolve_runtime(device=device, precision="fp32", channels_last=True, tf32=False)
-    print(f"evaluate: {rt.describe()}", file=sys.stderr)
+    rt = resolve_runtime(device=cfg.device, precision="fp32", channels_last=True, tf32=False)
+    _log.info("evaluate: %s", rt.describe())
     if not (split_dir / "test.csv").exists():
         raise FileNotFoundError(f"{split_dir / 'test.csv'}: no test split; run `dvc repro split`")
     classes = split_classes(split_dir)
     loaded = [_load_variant(name, models_dir, classes, stages[name]) for name in variants]
 
-    results, labels, images = _score_variants(loaded, split_dir, classes, batch_size=batch_size,
-                                              bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
-                                              rt=rt, features_dir=features_dir)
+    results, labels, images = _score_variants(loaded, split_dir, classes, cfg, seed=seed, rt=rt,
+                                              features_dir=paths.features_dir)
     members = list(results)
-    if ensemble and len(members) > 1:  # an ensemble of one would only repeat its member
+    if cfg.ensemble and len(members) > 1:  # an ensemble of one would only repeat its member
         results.append(score(ENSEMBLE, ensemble_probabilities([r.probs for r in members]), labels, classes=classes,
-                             bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
+                             bootstrap_samples=cfg.bootstrap_samples, confidence=cfg.confidence, seed=seed,
                              val_accuracy=None, parameters=sum(r.parameters for r in members)))
     has_ensemble = results[-1].name == ENSEMBLE
     pairs = mcnemar_pairs([r.name for r in members], ENSEMBLE if has_ensemble else None,
                           best_by_validation(members).name if has_ensemble else None)
 
     comparison = comparison_table(results)
-    markdown = comparison_markdown(comparison, confidence)
+    markdown = comparison_markdown(comparison, cfg.confidence)
     mcnemar = mcnemar_table(results, pairs)
     run_ids = {v.name: v.run_id for v in loaded}
-    with staged_dir(out_dir) as out, staged_dir(plots_dir) as plots:
-        _write_tables(out, comparison, markdown, mcnemar, results, confidence)
-        _write_plots(plots, results, images, labels, classes, misclassified=misclassified, confidence=confidence)
+    with staged_dir(paths.out_dir) as out, staged_dir(paths.plots_dir) as plots:
+        _write_tables(out, comparison, markdown, mcnemar, results, cfg.confidence)
+        _write_plots(plots, results, images, labels, classes, misclassified=cfg.misclassified,
+                     confidence=cfg.confidence)
         # Inside the staged block: if MLflow fails, the previous outputs stay as they were.
         _log_variant_runs(run_ids, {r.name: r for r in members}, models_dir)
-        _log_summary_run(experiment, logged_params, results, mcnemar, out, plots, run_ids, rt.tags())
-    write_json(metrics_file, _dvc_metrics(results, mcnemar))
+        _log_summary_run(experiment, {"seed": seed, "evaluate": cfg.model_dump()}, results, mcnemar, out, plots,
+                         run_ids, rt.tags())
+    write_json(paths.metrics_file, _dvc_metrics(results, mcnemar))
     return markdown + f"\nMcNemar, exact (b: only A right, c: only B right):\n{mcnemar_markdown(mcnemar)}"
 
 
@@ -110,7 +120,7 @@ def _check_names(names: list[str]) -> None:
                           "ensemble's / the McNemar tests' key in the metrics file); rename that variant")
 
 
-def _load_variant(name: str, models: Path, classes: list[str], stage: str) -> Variant:
+def _load_variant(name: str, models: Path, classes: list[str], stage: str) -> Trained:
     folder = models / name
     if not (folder / "spec.json").exists() or not (folder / "weights.pt").exists():
         raise FileNotFoundError(f"{folder}: no model; run `dvc repro {stage}`")
@@ -126,11 +136,11 @@ def _load_variant(name: str, models: Path, classes: list[str], stage: str) -> Va
         raise FileNotFoundError(f"{run_file}: not found; run `dvc repro {stage}`") from None
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{run_file}: no numeric val_accuracy; run `dvc repro {stage}`") from None
-    return Variant(name=name, model=model, spec=spec, run_id=run.get("run_id"), val_accuracy=val_accuracy)
+    return Trained(name=name, model=model, spec=spec, run_id=run.get("run_id"), val_accuracy=val_accuracy)
 
 
-def _score_variants(variants: list[Variant], split_dir: Path, classes: list[str], *, batch_size: int,
-                    bootstrap_samples: int, confidence: float, seed: int, rt: Runtime, features_dir: Path | None,
+def _score_variants(variants: list[Trained], split_dir: Path, classes: list[str], cfg: EvaluateParams, *,
+                    seed: int, rt: Runtime, features_dir: Path | None,
                     ) -> tuple[list[VariantResult], np.ndarray, dict[str, np.ndarray]]:
     """Each variant's test predictions scored; also the labels and the images each model saw."""
     tests: dict[tuple[str, int], TensorSet] = {}  # decoded once per input mode and size, shared
@@ -142,26 +152,26 @@ def _score_variants(variants: list[Variant], split_dir: Path, classes: list[str]
         cache = FeatureCache(features_dir / v.name) if features_dir and (features_dir / v.name).is_dir() else None
         logits = _cached_logits(v, split_dir, tests[key], cache, rt=rt)
         if logits is None:
-            logits = _predict(v.model, tests[key].images, batch_size=batch_size, rt=rt, desc=f"test {v.name}")
+            logits = _predict(v.model, tests[key].images, batch_size=cfg.batch_size, rt=rt, desc=f"test {v.name}")
         results.append(score(v.name, softmax(logits.numpy()), tests[key].labels.numpy(), classes=classes,
-                             bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
+                             bootstrap_samples=cfg.bootstrap_samples, confidence=cfg.confidence, seed=seed,
                              val_accuracy=v.val_accuracy, parameters=_parameters(v.model)))
         images[v.name] = tests[key].images.numpy()
     return results, next(iter(tests.values())).labels.numpy(), images
 
 
-def _cached_logits(v: Variant, split_dir: Path, test: TensorSet, cache: FeatureCache | None, *,
+def _cached_logits(v: Trained, split_dir: Path, test: TensorSet, cache: FeatureCache | None, *,
                    rt: Runtime) -> torch.Tensor | None:
     """A frozen-backbone model's test logits from the feature cache: its head on the fp32 test
     features that feature_extract computed with this very backbone. None when there are none."""
-    if cache is None or v.spec.kind != "backbone":
+    if cache is None or v.spec.kind != "pretrained":
         return None
     record = {"trunk": trunk_digest(v.model, arch=v.spec.arch, mode=v.spec.mode, image_size=v.spec.image_size),
               "manifest": manifest_digest(split_dir / "test.csv"), "precision": "fp32"}
     hit = cache.load("test", record)
     if hit is None or not torch.equal(hit[1], test.labels):
         return None
-    print(f"{v.name}: test features from {cache.folder} (its backbone's own, computed once)", file=sys.stderr)
+    _log.info("%s: test features from %s (its backbone's own, computed once)", v.name, cache.folder)
     return predict_logits(v.model.net.head.to(rt.device), hit[0], batch_size=4096, device=rt.device)
 
 
@@ -234,14 +244,14 @@ def _log_variant_runs(run_ids: dict[str, str | None], results: dict[str, Variant
     for name, run_id in run_ids.items():
         where = models / name / "run.json"
         if run_id is None:
-            _warn(f"{where}: missing or without run_id; {name}'s test metrics are not logged to MLflow")
+            _log.warning(f"{where}: missing or without run_id; {name}'s test metrics are not logged to MLflow")
             continue
         try:
             stage = client.get_run(run_id).info.lifecycle_stage
         except MlflowException:
             stage = None
         if stage != "active":
-            _warn(f"{where}: run {run_id} is not in the MLflow store {tracking_uri()} (or is deleted); "
+            _log.warning(f"{where}: run {run_id} is not in the MLflow store {tracking_uri()} (or is deleted); "
                   f"{name}'s test metrics are not logged to it (set MLFLOW_TRACKING_URI to the store it "
                   "was trained with)")
             continue
@@ -274,9 +284,3 @@ def _dvc_metrics(results: list[VariantResult], mcnemar: pd.DataFrame) -> dict:
     metrics["mcnemar"] = {f"{a}_vs_{b}": float(f"{p:.6g}") for a, b, p in
                           zip(mcnemar["variant_a"], mcnemar["variant_b"], mcnemar["p_value"])}
     return metrics
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-

@@ -6,42 +6,47 @@ like every other variant.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import mlflow
 import torch
 
-from cnnlab.config import TrainParams
-from cnnlab.data.tensors import TensorSet, TrainSet, load_split, split_classes, split_mode, train_versions
-from cnnlab.training.engine import fit, predict_logits
-from cnnlab.training.features import FeatureCache, Trunk, manifest_digest, trunk_digest
-from cnnlab.training.hardware import Runtime, resolve_runtime
+from cnnlab.config import FeatureExtractParams
+from cnnlab.data.tensors import (
+    TensorSet,
+    TrainSet,
+    load_split,
+    split_classes,
+    split_mode,
+    train_versions,
+)
+from cnnlab.files import files_digest
 from cnnlab.models.backbones import create_backbone
 from cnnlab.models.classifier import Classifier, ModelSpec, build_pretrained_classifier
-from cnnlab.files import files_digest
-from cnnlab.tracking.runs import params_hash, tracked_run
-from cnnlab.training.outputs import TrainOutputs, record_variant
+from cnnlab.stages.variant import Finished, Plan, VariantResult, VariantRun, run_variant
+from cnnlab.training.distributed import World
+from cnnlab.training.engine import FitResult, predict_logits
+from cnnlab.training.features import FeatureCache, Trunk, manifest_digest, trunk_digest
+from cnnlab.training.hardware import Runtime, runtime_of
+
+_log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # The augment stage's copies of the training images, for a head trained on augmented features.
 AUGMENTED = "augmented"
 
 
-def backbone_spec(split_dir: Path, *, backbone: str, weights: str, image_size: int, dropout: float,
-                  hidden: int | None) -> ModelSpec:
+def backbone_spec(split_dir: Path, cfg: FeatureExtractParams) -> ModelSpec:
     """Grey data keeps one channel, normalized with the mean of the backbone's three values."""
-    _, info = create_backbone(backbone, weights=None)  # architecture facts only: no weights needed
+    _, info = create_backbone(cfg.backbone, weights=None)  # architecture facts only: no weights needed
     mode = split_mode(split_dir)
     mean, std = list(info.mean), list(info.std)
     if mode == "L":
         mean, std = [sum(mean) / 3], [sum(std) / 3]
-    return ModelSpec(kind="backbone", arch=backbone, classes=split_classes(split_dir), mode=mode,
-                     image_size=image_size, mean=mean, std=std,
-                     kwargs={"dropout": dropout, "hidden": hidden, "weights": weights})
+    return ModelSpec(kind="pretrained", arch=cfg.backbone, classes=split_classes(split_dir), mode=mode,
+                     image_size=cfg.image_size, mean=mean, std=std,
+                     kwargs={"dropout": cfg.head_dropout, "hidden": cfg.head_hidden, "weights": cfg.weights})
 
 
 def split_precision(split: str, rt: Runtime) -> str:
@@ -69,7 +74,7 @@ def cached_features(clf: Classifier, spec: ModelSpec, split_dir: Path, cache: Fe
         record = {"trunk": digest, "manifest": manifest_digest(manifest), "precision": split_precision(split, rt)}
         hit = cache.load(split, record)
         if hit is not None:
-            print(f"reusing cached {split} features in {cache.folder}")
+            _log.info("reusing cached %s features in %s", split, cache.folder)
             sets[split] = TensorSet(*hit)
             continue
         images = load_split(manifest.parent, "train" if split == AUGMENTED else split, mode=spec.mode,
@@ -98,62 +103,38 @@ def check_assembly(clf: Classifier, spec: ModelSpec, split_dir: Path, val_featur
     return diff
 
 
-@dataclass(frozen=True)
-class FeatureExtractConfig:
-    backbone: str
-    weights: str | None
-    image_size: int
-    extract_batch_size: int
-    precision: str  # of the training split's extraction pass ("auto" resolves per machine)
-    channels_last: bool
-    head_dropout: float
-    head_hidden: int | None
-    device: str = "auto"
-    tf32: bool = True
-
-
-def feature_extract(
-    *, variant: str, split_dir: Path, augmented_dir: Path | None, cache_dir: Path, fx: FeatureExtractConfig,
-    head_cfg: TrainParams, seed: int, experiment: str, logged_params: dict[str, Any], out: TrainOutputs,
-) -> dict[str, Any]:
+def feature_extract(v: VariantRun, cfg: FeatureExtractParams, *, split_dir: Path, augmented_dir: Path,
+                    cache_dir: Path) -> VariantResult:
     """The `feature_extract@<variant>` stage: cached backbone features, a head trained on them, one
-    MLflow run. With ``augmented_dir`` (the lesson's second frozen-base recipe, "feature extraction
-    with data augmentation") the head trains on the features of the augment stage's copies too,
-    one version of each image per epoch, as the from-scratch nets do; the copies' features are
-    computed once and cached like the others."""
-    rt = resolve_runtime(device=fx.device, precision=fx.precision, channels_last=fx.channels_last, tf32=fx.tf32)
-    print(f"feature_extract@{variant}: {rt.describe()}", file=sys.stderr)
-    logged_params = {**logged_params, **rt.params()}
-    torch.manual_seed(seed)
-    spec = backbone_spec(split_dir, backbone=fx.backbone, weights=fx.weights, image_size=fx.image_size,
-                         dropout=fx.head_dropout, hidden=fx.head_hidden)
-    clf = build_pretrained_classifier(spec)
-    sets, extract_rate = cached_features(clf, spec, split_dir, FeatureCache(cache_dir),
-                                         batch_size=fx.extract_batch_size, rt=rt, augmented_dir=augmented_dir)
-    if augmented_dir is None:
-        train = TrainSet(sets["train"].images, sets["train"].labels, torch.arange(len(sets["train"]))[:, None])
-    else:  # the rows in train_versions' order: originals, then the copies
-        copies = sets[AUGMENTED]
-        train = TrainSet(torch.cat([sets["train"].images, copies.images]),
-                         torch.cat([sets["train"].labels, copies.labels]), train_versions(split_dir, augmented_dir)[2])
-    head_rt = resolve_runtime(device=rt.device.type, precision=head_cfg.precision,
-                              channels_last=head_cfg.channels_last, tf32=head_cfg.tf32)
-    with tracked_run(experiment=experiment, run_name=variant,
-                     tags={"variant": variant, "kind": "feature_extract", "stage": f"feature_extract@{variant}",
-                           **rt.tags()},
-                     params=logged_params) as run:
-        result = fit(clf.net.head, train, sets["val"], head_cfg, seed=seed, runtime=head_rt,
-                     checkpoint=out.checkpoint,
-                     fingerprint=params_hash({"params": logged_params, "features": [
-                         files_digest(cache_dir / f"{s}.pt") for s in sets if s != "test"]}),
-                     on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
-                                                             step=int(row["epoch"])))
-        # The head trained in place inside clf, so clf is now the complete image classifier.
-        clf.to(rt.device)
-        diff = check_assembly(clf, spec, split_dir, sets["val"].images, rt=rt)
-        metrics, timing, run_info = record_variant(
-            run, variant=variant, model=clf, spec=spec, result=result, out=out,
-            experiment=experiment, title=f"{variant}: frozen {fx.backbone} + head",
-            extra_metrics={"extract_images_per_second": extract_rate, "assembly_max_logit_diff": diff})
-    out.checkpoint.unlink(missing_ok=True)
-    return {**metrics, **timing, **run_info}
+    MLflow run. With ``train_data: augmented`` (the lesson's second frozen-base recipe, "feature
+    extraction with data augmentation") the head trains on the features of the augment stage's
+    copies too, one version of each image per epoch, as the from-scratch nets do; the copies'
+    features are computed once and cached like the others."""
+    augmented = augmented_dir if cfg.train_data == "augmented" else None
+
+    def prepare(rt: Runtime, world: World) -> Plan:
+        spec = backbone_spec(split_dir, cfg)
+        clf = build_pretrained_classifier(spec)
+        sets, extract_rate = cached_features(clf, spec, split_dir, FeatureCache(cache_dir),
+                                             batch_size=cfg.batch_size, rt=rt, augmented_dir=augmented)
+        if augmented is None:
+            train = TrainSet(sets["train"].images, sets["train"].labels, torch.arange(len(sets["train"]))[:, None])
+        else:  # the rows in train_versions' order: originals, then the copies
+            copies = sets[AUGMENTED]
+            train = TrainSet(torch.cat([sets["train"].images, copies.images]),
+                             torch.cat([sets["train"].labels, copies.labels]),
+                             train_versions(split_dir, augmented)[2])
+        head = cfg.head_fit_params()
+
+        def finish(result: FitResult) -> Finished:
+            # The head trained in place inside clf, so clf is now the complete image classifier.
+            clf.to(rt.device)
+            diff = check_assembly(clf, spec, split_dir, sets["val"].images, rt=rt)
+            return Finished(clf, spec, f"{v.name}: frozen {cfg.backbone} + head",
+                            {"extract_images_per_second": extract_rate, "assembly_max_logit_diff": diff})
+
+        return Plan(trainee=clf.net.head, train=train, val=sets["val"], cfg=head,
+                    runtime=runtime_of(head.runtime, device=rt.device.type),
+                    data=[files_digest(cache_dir / f"{s}.pt") for s in sets if s != "test"], finish=finish)
+
+    return run_variant(v, cfg.runtime, prepare, batch_size=cfg.batch_size, processes=False)

@@ -10,38 +10,29 @@ overwritten by small batches of a different domain.
 
 from __future__ import annotations
 
-import sys
-from contextlib import nullcontext
-from dataclasses import dataclass
+import logging
 from pathlib import Path
-from typing import Any
 
-import mlflow
-import torch
 from torch import nn
 
-from cnnlab.training import distributed
-from cnnlab.config import TrainParams
+from cnnlab.config import FineTuneVariant
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train
-from cnnlab.training.engine import fit, load_checkpoint
-from cnnlab.training.hardware import resolve_runtime
+from cnnlab.files import files_digest
 from cnnlab.models.backbones import create_backbone
 from cnnlab.models.classifier import Classifier, load_classifier
-from cnnlab.training.outputs import TrainOutputs, record_variant
-from cnnlab.training.prefix_cache import FromPrefix, prefix_cacheable, prefix_outputs, swap_prefix
-from cnnlab.files import files_digest
-from cnnlab.tracking.runs import params_hash, tracked_run
+from cnnlab.stages.variant import Finished, Plan, VariantResult, VariantRun, run_variant
+from cnnlab.training.distributed import World
+from cnnlab.training.engine import FitResult, Hooks
+from cnnlab.training.hardware import Runtime
+from cnnlab.training.prefix_cache import (
+    FromPrefix,
+    prefix_cacheable,
+    prefix_outputs,
+    swap_prefix,
+)
 
+_log = logging.getLogger(__name__)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-@dataclass(frozen=True)
-class FineTuneConfig:
-    unfreeze_blocks: int  # top N of the backbone's blocks
-    block_lr_decay: float  # lr of block k from the top = lr * decay ** k (head: lr)
-    unfreeze_every: int  # gradual unfreezing: one more block every this many epochs; 0 = all at once
-    train_bn: bool = False  # False: every BatchNorm keeps its ImageNet statistics (the lesson's advice)
-    cache_frozen: bool = True  # compute the frozen blocks' output once per image, not once per epoch
 
 
 def active_blocks(top: list[str], epoch: int, every: int) -> list[str]:
@@ -82,67 +73,51 @@ def make_before_epoch(top: list[str], every: int, train_bn: bool):
     return before_epoch
 
 
-def fine_tune(
-    *, variant: str, split_dir: Path, augmented_dir: Path | None, start_model: Path, ft: FineTuneConfig, cfg: TrainParams,
-    seed: int, experiment: str, logged_params: dict[str, Any], out: TrainOutputs,
-) -> dict[str, Any]:
+def fine_tune(v: VariantRun, cfg: FineTuneVariant, *, split_dir: Path, augmented_dir: Path,
+              start_model: Path) -> VariantResult | None:
     """Unfreeze the top blocks of a feature_extract model (``start_model``) and train; one MLflow run.
-    Under torchrun rank 0 alone opens the run and writes the outputs (the others return {})."""
-    rt = resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, tf32=cfg.tf32)
-    world, rt = distributed.join(rt, f"fine_tune@{variant}", cfg.batch_size)
-    logged_params = {**logged_params, **rt.params(), "world_size": world.size}
-    torch.manual_seed(seed)
-    clf, spec = load_classifier(start_model)
-    if spec.kind != "backbone":
-        raise ValueError(f"{start_model}: fine_tune starts from a backbone model (feature_extract), got {spec.kind!r}")
-    _, info = create_backbone(spec.arch, weights=None)  # block names only
-    if not 1 <= ft.unfreeze_blocks <= len(info.blocks):
-        raise ValueError(f"fine_tune.unfreeze_blocks = {ft.unfreeze_blocks}: {spec.arch} has "
-                         f"{len(info.blocks)} blocks ({', '.join(info.blocks)})")
-    top = list(reversed(info.blocks))[: ft.unfreeze_blocks]  # nearest the head first
-    frozen = [b for b in info.blocks if b not in top]  # input side first
-    train = load_train(split_dir, augmented_dir, mode=spec.mode, size=spec.image_size)
-    val = load_split(split_dir, "val", mode=spec.mode, size=spec.image_size)
+    Under torchrun rank 0 alone writes the outputs (the others return None)."""
+    augmented = augmented_dir if cfg.train_data == "augmented" else None
 
-    why_not = (prefix_cacheable(clf, frozen, val.images[:8], rt=rt, images=len(train) + len(val))
-               if ft.cache_frozen else "cache_frozen is off")
-    if why_not is None:
-        if world.main:
-            print(f"fine_tune: {', '.join(frozen)} stay frozen all run; their output is computed once per image",
-                  file=sys.stderr)
-        train = TrainSet(prefix_outputs(clf, frozen[-1], train.images, rt=rt), train.labels, train.versions)
-        val = TensorSet(prefix_outputs(clf, frozen[-1], val.images, rt=rt), val.labels)
-    elif frozen and world.main:
-        print(f"fine_tune: the frozen blocks run every epoch ({why_not})", file=sys.stderr)
+    def prepare(rt: Runtime, world: World) -> Plan:
+        clf, spec = load_classifier(start_model)
+        if spec.kind != "pretrained":
+            raise ValueError(f"{start_model}: fine_tune starts from a pretrained model (feature_extract), "
+                             f"got {spec.kind!r}")
+        _, info = create_backbone(spec.arch, weights=None)  # block names only
+        if not 1 <= cfg.unfreeze_blocks <= len(info.blocks):
+            raise ValueError(f"fine_tune.unfreeze_blocks = {cfg.unfreeze_blocks}: {spec.arch} has "
+                             f"{len(info.blocks)} blocks ({', '.join(info.blocks)})")
+        top = list(reversed(info.blocks))[: cfg.unfreeze_blocks]  # nearest the head first
+        frozen = [b for b in info.blocks if b not in top]  # input side first
+        train = load_train(split_dir, augmented, mode=spec.mode, size=spec.image_size)
+        val = load_split(split_dir, "val", mode=spec.mode, size=spec.image_size)
+        why_not = (prefix_cacheable(clf, frozen, val.images[:8], rt=rt, images=len(train) + len(val))
+                   if cfg.cache_frozen else "cache_frozen is off")
+        if why_not is None:
+            if world.main:
+                _log.info("fine_tune: %s stay frozen all run; their output is computed once per image",
+                          ", ".join(frozen))
+            train = TrainSet(prefix_outputs(clf, frozen[-1], train.images, rt=rt), train.labels, train.versions)
+            val = TensorSet(prefix_outputs(clf, frozen[-1], val.images, rt=rt), val.labels)
+        elif frozen and world.main:
+            _log.info("fine_tune: the frozen blocks run every epoch (%s)", why_not)
+        manifests = [split_dir / "train.csv", split_dir / "val.csv", start_model / "weights.pt"]
+        if augmented is not None:
+            manifests.append(augmented / "train.csv")
 
-    manifests = [split_dir / "train.csv", split_dir / "val.csv", start_model / "weights.pt"]
-    if augmented_dir is not None:
-        manifests.append(augmented_dir / "train.csv")
-    fingerprint = params_hash({"params": logged_params, "data": files_digest(*manifests), "runtime": rt.key,
-                               "from_prefix": why_not is None})
-    previous = load_checkpoint(out.checkpoint, fingerprint)
-    tracking = tracked_run(experiment=experiment, run_name=variant, params=logged_params,
-                           tags={"variant": variant, "kind": "fine_tune", "stage": f"fine_tune@{variant}", **rt.tags()},
-                           run_id=previous["extra"].get("run_id") if previous else None)
-    with tracking if world.main else nullcontext() as run:
-        with swap_prefix(clf, frozen if why_not is None else []):
-            result = fit(
-                FromPrefix(clf) if why_not is None else clf, train, val, cfg, seed=seed, runtime=rt,
-                checkpoint=out.checkpoint, fingerprint=fingerprint, extra={"run_id": run.info.run_id} if run else None,
-                param_groups=param_groups(clf, top, lr=cfg.lr, decay=ft.block_lr_decay),
-                before_epoch=make_before_epoch(top, ft.unfreeze_every, ft.train_bn), world=world,
-                on_epoch=(lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
-                                                         step=int(row["epoch"]))) if run else None,
-            )
-        if run is None:  # a rank other than 0: rank 0 writes everything
-            distributed.close(world)
-            return {}
-        # The trained modules live inside clf and the frozen ones are back: clf is the whole model.
-        for p in clf.parameters():
-            p.requires_grad_(True)
-        metrics, timing, run_info = record_variant(
-            run, variant=variant, model=clf, spec=spec, result=result, out=out,
-            experiment=experiment, title=f"{variant}: {spec.arch}, top {ft.unfreeze_blocks} blocks")
-    out.checkpoint.unlink(missing_ok=True)
-    distributed.close(world)
-    return {**metrics, **timing, **run_info, "unfrozen": top}
+        def finish(result: FitResult) -> Finished:
+            # The trained modules live inside clf and the frozen ones are back: clf is the whole model.
+            for p in clf.parameters():
+                p.requires_grad_(True)
+            return Finished(clf, spec, f"{v.name}: {spec.arch}, top {cfg.unfreeze_blocks} blocks",
+                            summary={"unfrozen": top})
+
+        cached = why_not is None
+        return Plan(trainee=FromPrefix(clf) if cached else clf, train=train, val=val, cfg=cfg, runtime=rt,
+                    data=[files_digest(*manifests), {"from_prefix": cached}], finish=finish,
+                    hooks=Hooks(param_groups=param_groups(clf, top, lr=cfg.lr, decay=cfg.block_lr_decay),
+                                before_epoch=make_before_epoch(top, cfg.unfreeze_every, cfg.train_bn)),
+                    around_fit=lambda: swap_prefix(clf, frozen if cached else []))
+
+    return run_variant(v, cfg.runtime, prepare, batch_size=cfg.batch_size)

@@ -18,8 +18,13 @@ import mlflow
 from cnnlab.config import RegistryParams
 from cnnlab.files import write_json
 from cnnlab.serving.publish import example_images, publish, serving_limits
-from cnnlab.tracking.model_registry import (Candidate, RegistryResult, read_candidate, register_variants,
-                                            require_run)
+from cnnlab.tracking.model_registry import (
+    Candidate,
+    RegistryResult,
+    read_candidate,
+    register_variants,
+    require_run,
+)
 from cnnlab.tracking.runs import dvc_experiment_tags, end_stale_runs, tracking_uri
 
 

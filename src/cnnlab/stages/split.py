@@ -7,32 +7,15 @@ DVC metrics file with its counts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
+from cnnlab.config import SplitParams
 from cnnlab.data.split import run_split
 from cnnlab.files import write_json
 
 
-def split(
-    raw_dir: Path,
-    out_dir: Path,
-    metrics: Path,
-    *,
-    seed: int,
-    val_fraction: float,
-    test_fraction: float,
-    max_train_per_class: int | None,
-    max_val_per_class: int | None,
-    max_test_per_class: int | None,
-    max_image_pixels: int,
-    max_side: int | None,
-    color_mode: Literal["auto", "rgb", "grey"],
-) -> dict:
+def split(raw_dir: Path, out_dir: Path, metrics: Path, cfg: SplitParams, *, seed: int) -> dict:
     """Write ``out_dir`` (manifests, verified images, classes, quarantine report) and ``metrics``;
     returns the counts."""
-    summary = run_split(raw_dir, out_dir, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                        max_train_per_class=max_train_per_class, max_val_per_class=max_val_per_class,
-                        max_test_per_class=max_test_per_class, max_image_pixels=max_image_pixels,
-                        max_side=max_side, color_mode=color_mode)
+    summary = run_split(raw_dir, out_dir, cfg, seed=seed)
     write_json(metrics, summary)
     return summary

@@ -53,7 +53,7 @@ class RegistryResult:
 
 def read_candidate(variant: str, model_dir: Path, test_metrics: dict | None, stage: str = "") -> Candidate:
     """A variant from its stage's ``<model_dir>/run.json`` (its run, validation accuracy);
-    ``stage`` (e.g. ``train@scratch``) goes into the error messages."""
+    ``stage`` (e.g. ``scratch@scratch``) goes into the error messages."""
     run_file = model_dir / "run.json"
     redo = f"`dvc repro {stage}`" if stage else "the variant's stage"
     try:
@@ -151,4 +151,4 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 
 
 def _stage(variant: str) -> str:
-    return variant if variant in ("feature_extract", "fine_tune") else f"train@{variant}"
+    return variant if variant in ("feature_extract", "fine_tune") else f"scratch@{variant}"

@@ -13,7 +13,9 @@ import os
 def store_error(exc: BaseException) -> str | None:
     """What to tell the user when the tracking store refused or could not be reached (one
     paragraph, no traceback); None when ``exc`` is something else."""
-    from mlflow.exceptions import MlflowException  # here: the data stages never load MLflow
+    from mlflow.exceptions import (
+        MlflowException,  # here: the data stages never load MLflow
+    )
 
     if not isinstance(exc, MlflowException):
         return None

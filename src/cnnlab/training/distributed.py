@@ -13,6 +13,7 @@ MLflow and writes checkpoints and outputs.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -23,6 +24,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+
+_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -93,7 +96,7 @@ def join(runtime: R, label: str, batch_size: int) -> tuple[World, R]:
     runtime = replace(runtime, device=device)
     if world.main:
         ranks = f", {world.size} processes (batch {batch_size} each)" if world.active else ""
-        print(f"{label}: {runtime.describe()}{ranks}", file=sys.stderr)
+        _log.info("%s: %s%s", label, runtime.describe(), ranks)
     return world, runtime
 
 

@@ -1,6 +1,7 @@
 """Training and evaluation loops over uint8 tensor sets.
 
-Read top to bottom: `fit` builds the optimizer, scheduler and loss, then for each epoch draws a
+Read top to bottom: `fit` sets up the optimizer, scheduler and loss (`_setup`), resumes a
+checkpoint if there is one, then for each epoch (`_epoch`) draws a
 seeded batch order, trains, evaluates on validation, keeps the best weights, checkpoints, and
 stops early when validation stops improving. A killed run restarts from its last checkpoint
 and ends bit-for-bit where an uninterrupted run would: batch order depends only on
@@ -12,85 +13,45 @@ and checkpoints for all.
 from __future__ import annotations
 
 import copy
+import logging
 import math
-import os
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.config import TrainParams
+from cnnlab.config import FitParams
 from cnnlab.data.tensors import TensorSet, TrainSet
-from cnnlab.training.distributed import SINGLE, World, all_sum, average_buffers, barrier, from_main, shard, wrap
-from cnnlab.files import remove_leftovers
-from cnnlab.run_guard import temp_prefix
-from cnnlab.training.hardware import Runtime, resolve_runtime
 from cnnlab.progress import progress
+from cnnlab.training.checkpoint import (
+    Checkpointing,
+    Progress,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
+from cnnlab.training.distributed import (
+    SINGLE,
+    World,
+    all_sum,
+    average_buffers,
+    barrier,
+    from_main,
+    shard,
+    wrap,
+)
+from cnnlab.training.hardware import Runtime, runtime_of
+from cnnlab.training.losses import balanced_class_weights, make_criterion
+from cnnlab.training.optim import make_optimizer, make_scheduler
+
+_log = logging.getLogger(__name__)
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
-
-
-class FocalLoss(nn.Module):
-    """Focal loss (Lin et al. 2017): down-weights easy examples by (1 - p_t) ** gamma."""
-
-    def __init__(self, gamma: float, weight: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.gamma = gamma
-        self.register_buffer("weight", weight)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
-        loss = -((1 - logp.exp()) ** self.gamma) * logp
-        if self.weight is not None:
-            w = self.weight[target]
-            return (loss * w).sum() / w.sum()
-        return loss.mean()
-
-
-def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """n / (k * n_c), the scikit-learn "balanced" rule: rare classes weigh more."""
-    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
-    return len(labels) / (num_classes * counts)
-
-
-def make_criterion(cfg: TrainParams, weight: torch.Tensor | None) -> nn.Module:
-    if cfg.loss == "focal":
-        return FocalLoss(cfg.focal_gamma, weight)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-
-
-def make_optimizer(params, cfg: TrainParams) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # fused: one kernel for the whole update instead of several per tensor; measured here, 18%
-    # more training images/s for simple_cnn on CPU (3,095 vs 2,621).
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-
-
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainParams, steps_per_epoch: int):
-    """(scheduler or None, when it steps: "epoch", "batch" or "val_loss")."""
-    if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, cfg.step_size, cfg.gamma), "epoch"
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs), "epoch"
-    if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.gamma, patience=max(1, cfg.step_size // 3)), "val_loss"
-    if cfg.scheduler == "onecycle":
-        total = cfg.epochs * math.ceil(steps_per_epoch / cfg.accumulation_steps)
-        peaks = [g["lr"] for g in opt.param_groups]  # per group, so discriminative rates survive
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, total_steps=total), "batch"
-    return None, "epoch"
 
 
 def autocast(device: torch.device, precision: str):
@@ -169,165 +130,146 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path)  # a save cut short by SIGKILL; data/checkpoints is no stage's output
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name))
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+@dataclass(frozen=True)
+class Hooks:
+    """What a kind of variant changes in the loop; each is optional."""
 
-
-def load_checkpoint(path: Path | None, fingerprint: str) -> dict | None:
-    """The checkpoint at ``path`` if it belongs to this exact run (same params and data), else None."""
-    if path is None or not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    except Exception as exc:  # unreadable or tampered: start over rather than trust it
-        print(f"ignoring checkpoint {path}: cannot be read safely ({type(exc).__name__})", file=sys.stderr)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        print(f"ignoring checkpoint {path}: it was made with other params or data", file=sys.stderr)
-        return None
-    return state
+    augment: Augment | None = None  # per sample, on uint8 CPU images: augmentation on the fly
+    param_groups: list[dict] | None = None  # optimizer groups with their own "lr": discriminative rates
+    # After model.train() each epoch, e.g. to unfreeze blocks or keep frozen BatchNorm layers in eval
+    # mode; it must depend on the epoch alone, so that a resumed run does the same.
+    before_epoch: Callable[[int, nn.Module], None] | None = None
+    on_epoch: Callable[[dict[str, float]], None] | None = None  # each epoch's row, on rank 0 (MLflow)
 
 
 @dataclass
-class _Progress:
-    """Everything about a run that is not the model/optimizer/scheduler state: what a checkpoint
-    adds to resume exactly, and what `fit` reports."""
+class _Loop:
+    """What every epoch of one `fit` uses, set up once."""
 
-    epoch: int = 0  # last completed epoch
-    history: list[dict[str, float]] = field(default_factory=list)
-    best: dict[str, float] = field(default_factory=lambda: {"epoch": 0, "val_accuracy": -1.0, "val_loss": math.inf})
-    best_state: dict | None = None
-    bad_epochs: int = 0
-    train_seconds: float = 0.0
-    seen: int = 0
+    model: nn.Module
+    train: TrainSet
+    val: TensorSet
+    cfg: FitParams
+    rt: Runtime
+    seed: int
+    hooks: Hooks
+    world: World
+    criterion: nn.Module
+    opt: torch.optim.Optimizer
+    sched: object  # a torch LR scheduler or None
+    sched_when: str  # "epoch", "batch" or "val_loss"
+    scaler: torch.amp.GradScaler | None
+    net: nn.Module | None = None  # the model as trained: DDP-wrapped under torchrun
 
 
-def fit(
-    model: nn.Module,
-    train: TrainSet,
-    val: TensorSet,
-    cfg: TrainParams,
-    *,
-    seed: int,
-    runtime: Runtime | None = None,
-    checkpoint: Path | None = None,
-    fingerprint: str = "",
-    extra: dict | None = None,
-    augment: Augment | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    param_groups: list[dict] | None = None,
-    before_epoch: Callable[[int, nn.Module], None] | None = None,
-    world: World = SINGLE,
-) -> FitResult:
+def fit(model: nn.Module, train: TrainSet, val: TensorSet, cfg: FitParams, *, seed: int,
+        runtime: Runtime | None = None, checkpoint: Checkpointing | None = None, hooks: Hooks = Hooks(),
+        world: World = SINGLE) -> FitResult:
     """Train ``model`` in place; on return it holds the best weights by validation accuracy.
 
-    ``runtime`` is the stage's resolved device and precision (`cnnlab.training.hardware.resolve_runtime`);
-    None resolves ``cfg``'s. ``extra`` (e.g. the MLflow run id) is stored in the checkpoint and
-    handed back on resume. ``augment`` is applied per sample to uint8 images when augmenting on
-    the fly. ``param_groups`` (optimizer groups with their own "lr") give discriminative learning
-    rates; ``before_epoch(epoch, model)`` runs after ``model.train()``, e.g. to unfreeze blocks or
-    keep frozen BatchNorm layers in eval mode. It must depend on the epoch alone, so resuming works.
-    ``world``: this process's rank among torchrun's (`cnnlab.training.distributed.init`); ``cfg.batch_size``
-    is per rank, and only rank 0 calls ``on_epoch``, prints and writes the checkpoint.
+    ``runtime`` is the stage's resolved device and precision (None: ``cfg.runtime`` resolved here).
+    With ``checkpoint`` the state is saved after every epoch and a saved state of the same
+    fingerprint is resumed; its ``extra`` comes back in the result. ``world``: this process's rank
+    among torchrun's (`cnnlab.training.distributed`); ``cfg.batch_size`` is per rank, and only rank
+    0 reports, calls ``hooks.on_epoch`` and writes the checkpoint.
     """
-    rt = runtime or resolve_runtime(device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last,
-                                    tf32=cfg.tf32)
-    device = rt.device
-    model.to(device)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if augment is None:  # on-the-fly augmentation works on CPU tensors, one image at a time
-        train = resident(train, device)
-    val = resident(val, device)
-    n = len(train.versions)
-    steps = math.ceil(math.ceil(n / world.size) / cfg.batch_size)  # per rank = the global count
-    originals = train.labels[train.versions[:, 0]].cpu()
-    weight = balanced_class_weights(originals, int(originals.max()) + 1) if cfg.class_weights == "balanced" else None
-    criterion = make_criterion(cfg, weight).to(device)
-    opt = make_optimizer(param_groups if param_groups is not None else model.parameters(), cfg)
-    sched, sched_when = make_scheduler(opt, cfg, steps)
-    # fp16's narrow range underflows small gradients; the scaler keeps them representable.
-    scaler = torch.amp.GradScaler("cuda") if rt.precision == "fp16" and device.type == "cuda" else None
-
-    run = _Progress(best_state=copy.deepcopy(model.state_dict()))
-    state = load_checkpoint(checkpoint, fingerprint)
+    loop = _setup(model, train, val, cfg, seed=seed, rt=runtime or runtime_of(cfg.runtime), hooks=hooks,
+                  world=world)
+    run, extra = Progress(best_state=copy.deepcopy(model.state_dict())), dict(checkpoint.extra) if checkpoint else {}
+    state = load_checkpoint(checkpoint.path, checkpoint.fingerprint) if checkpoint else None
     if state is not None:
-        run = _restore(state, model, opt, sched, scaler, device)
-        extra = {**(extra or {}), **state.get("extra", {})}
+        run = restore(state, model, loop.opt, loop.sched, loop.scaler, loop.rt.device)
+        extra = {**extra, **state.get("extra", {})}
         if world.main:
-            print(f"resuming from {checkpoint} after epoch {run.epoch}", file=sys.stderr)
+            _log.info("resuming from %s after epoch %d", checkpoint.path, run.epoch)
     resumed_from = run.epoch
     # After restoring: DDP copies rank 0's weights to the others. before_epoch may freeze blocks.
-    net = wrap(model, world, device, some_frozen=before_epoch is not None)
-
+    loop.net = wrap(model, world, loop.rt.device, some_frozen=hooks.before_epoch is not None)
     stopped_early = False
     for epoch in range(run.epoch + 1, cfg.epochs + 1):
         if cfg.early_stopping_patience is not None and run.bad_epochs >= cfg.early_stopping_patience:
             stopped_early = True
             break
-        model.train()
-        if before_epoch is not None:
-            before_epoch(epoch, model)
-        t0 = time.perf_counter()
-        loss_sum, correct, count = _train_epoch(net, train, cfg, rt, criterion, opt, scaler,
-                                                sched if sched_when == "batch" else None, seed=seed,
-                                                epoch=epoch, augment=augment, world=world)
-        average_buffers(model, world)
-        epoch_seconds = time.perf_counter() - t0
-        run.train_seconds += epoch_seconds
-        run.seen += n
-        # the training batch size: its activations fit, and on a CPU bigger inference batches
-        # fall out of cache and run slower (1.6x for EfficientNet-Lite0 at 128 px, 32 vs 256)
-        metrics = from_main(validate(model, val, batch_size=cfg.batch_size, device=device, precision=rt.precision,
-                                     channels_last=rt.channels_last) if world.main else None, world)
-        lr = opt.param_groups[0]["lr"]
-        if sched is not None and sched_when == "epoch":
-            sched.step()
-        elif sched is not None and sched_when == "val_loss":
-            sched.step(metrics["loss"])
-        row = {"epoch": epoch, "train_loss": loss_sum / count, "train_accuracy": correct / count,
-               "val_loss": metrics["loss"], "val_accuracy": metrics["accuracy"], "lr": lr,
-               "epoch_seconds": epoch_seconds}
+        row = _epoch(loop, epoch, run)
         improved = _record(run, row, model)
         if not world.main:
             continue
-        print(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
-              f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}"
-              f"{' *' if improved else ''}", file=sys.stderr)
-        if on_epoch is not None:
-            on_epoch(row)
+        _log.info("epoch %d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%%%s", epoch, cfg.epochs,
+                  row["train_loss"], 100 * row["train_accuracy"], row["val_loss"], 100 * row["val_accuracy"],
+                  " *" if improved else "")
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(row)
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, fingerprint, run, model, opt, sched, scaler, device, extra)
+            save_checkpoint(checkpoint.path, checkpoint.fingerprint, run, model, loop.opt, loop.sched, loop.scaler,
+                            loop.rt.device, extra)
     barrier(world)  # the other ranks wait for rank 0's last checkpoint
-
     model.load_state_dict(run.best_state)
     return FitResult(
         history=run.history, best_epoch=int(run.best["epoch"]), best_val_accuracy=run.best["val_accuracy"],
         best_val_loss=run.best["val_loss"], stopped_early=stopped_early, train_seconds=run.train_seconds,
         train_images_per_second=run.seen / run.train_seconds if run.train_seconds else 0.0,
-        resumed_from_epoch=resumed_from, extra=extra or {},
+        resumed_from_epoch=resumed_from, extra=extra,
     )
 
 
-def _train_epoch(model: nn.Module, train: TrainSet, cfg: TrainParams, rt: Runtime, criterion: nn.Module,
-                 opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, batch_sched, *, seed: int,
-                 epoch: int, augment: Augment | None, world: World = SINGLE) -> tuple[float, int, int]:
+def _setup(model: nn.Module, train: TrainSet, val: TensorSet, cfg: FitParams, *, seed: int, rt: Runtime,
+           hooks: Hooks, world: World) -> _Loop:
+    """The model on its device, the data resident there, and the loss, optimizer and schedule."""
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if hooks.augment is None:  # on-the-fly augmentation works on CPU tensors, one image at a time
+        train = resident(train, rt.device)
+    val = resident(val, rt.device)
+    steps = math.ceil(math.ceil(len(train.versions) / world.size) / cfg.batch_size)  # per rank = the global count
+    originals = train.labels[train.versions[:, 0]].cpu()
+    weight = balanced_class_weights(originals, int(originals.max()) + 1) if cfg.class_weights == "balanced" else None
+    opt = make_optimizer(hooks.param_groups if hooks.param_groups is not None else model.parameters(), cfg)
+    sched, sched_when = make_scheduler(opt, cfg, steps)
+    # fp16's narrow range underflows small gradients; the scaler keeps them representable.
+    scaler = torch.amp.GradScaler("cuda") if rt.precision == "fp16" and rt.device.type == "cuda" else None
+    return _Loop(model=model, train=train, val=val, cfg=cfg, rt=rt, seed=seed, hooks=hooks, world=world,
+                 criterion=make_criterion(cfg, weight).to(rt.device), opt=opt, sched=sched, sched_when=sched_when,
+                 scaler=scaler)
+
+
+def _epoch(loop: _Loop, epoch: int, run: Progress) -> dict[str, float]:
+    """Train one epoch, validate (rank 0, shared with the others), step the schedule; the epoch's row."""
+    loop.model.train()
+    if loop.hooks.before_epoch is not None:
+        loop.hooks.before_epoch(epoch, loop.model)
+    t0 = time.perf_counter()
+    loss_sum, correct, count = _train_epoch(loop, epoch)
+    average_buffers(loop.model, loop.world)
+    epoch_seconds = time.perf_counter() - t0
+    run.train_seconds += epoch_seconds
+    run.seen += len(loop.train.versions)
+    # the training batch size: its activations fit, and on a CPU bigger inference batches fall out of
+    # cache and run slower
+    metrics = from_main(validate(loop.model, loop.val, batch_size=loop.cfg.batch_size, device=loop.rt.device,
+                                 precision=loop.rt.precision, channels_last=loop.rt.channels_last)
+                        if loop.world.main else None, loop.world)
+    lr = loop.opt.param_groups[0]["lr"]
+    if loop.sched is not None and loop.sched_when == "epoch":
+        loop.sched.step()
+    elif loop.sched is not None and loop.sched_when == "val_loss":
+        loop.sched.step(metrics["loss"])
+    return {"epoch": epoch, "train_loss": loss_sum / count, "train_accuracy": correct / count,
+            "val_loss": metrics["loss"], "val_accuracy": metrics["accuracy"], "lr": lr,
+            "epoch_seconds": epoch_seconds}
+
+
+def _train_epoch(loop: _Loop, epoch: int) -> tuple[float, int, int]:
     """One pass over the training set in a seeded order (this rank's shard of it); returns the
     summed loss, the correct count and the number of images, over all ranks.
 
     The sums stay on the device and are read once at the end: a per-batch ``.item()`` would wait
     for the GPU after every batch.
     """
+    model, train, cfg, rt, opt, scaler, world = loop.net, loop.train, loop.cfg, loop.rt, loop.opt, loop.scaler, loop.world
+    batch_sched = loop.sched if loop.sched_when == "batch" else None
     device, n = rt.device, len(train.versions)
-    gen = epoch_generator(seed, epoch)
+    gen = epoch_generator(loop.seed, epoch)
     order = torch.randperm(n, generator=gen)
     pick = torch.randint(0, train.versions.shape[1], (n,), generator=gen)
     rows = shard(train.versions.cpu()[order, pick[order]], world).to(train.images.device)
@@ -339,12 +281,12 @@ def _train_epoch(model: nn.Module, train: TrainSet, cfg: TrainParams, rt: Runtim
     for b in progress(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not world.main):
         idx = rows[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         x, y = train.images[idx], train.labels[idx]
-        if augment is not None:
-            x = torch.stack([augment(img) for img in x])
+        if loop.hooks.augment is not None:
+            x = torch.stack([loop.hooks.augment(img) for img in x])
         x, y = _to_device(x, device, rt.channels_last), y.to(device, non_blocking=True)
         with autocast(device, rt.precision):
             logits = model(x)
-        loss = criterion(logits.float(), y)
+        loss = loop.criterion(logits.float(), y)
         group = min(cfg.accumulation_steps, steps - (b // cfg.accumulation_steps) * cfg.accumulation_steps)
         (scaler.scale(loss / group) if scaler else loss / group).backward()
         if (b + 1) % cfg.accumulation_steps == 0 or b + 1 == steps:
@@ -367,7 +309,7 @@ def _train_epoch(model: nn.Module, train: TrainSet, cfg: TrainParams, rt: Runtim
     return loss_sum.item(), int(correct.item()), len(rows) * world.size
 
 
-def _record(run: _Progress, row: dict[str, float], model: nn.Module) -> bool:
+def _record(run: Progress, row: dict[str, float], model: nn.Module) -> bool:
     """Add an epoch to the history; keep the weights when validation improved. Returns improved."""
     run.epoch = int(row["epoch"])
     run.history.append(row)
@@ -382,33 +324,3 @@ def _record(run: _Progress, row: dict[str, float], model: nn.Module) -> bool:
     return improved
 
 
-def _save_checkpoint(path: Path, fingerprint: str, run: _Progress, model: nn.Module, opt: torch.optim.Optimizer,
-                     sched, scaler: torch.amp.GradScaler | None, device: torch.device, extra: dict | None) -> None:
-    """Everything needed to resume bit for bit, RNG states included, written atomically."""
-    _atomic_save({
-        "fingerprint": fingerprint, "epoch": run.epoch, "model": model.state_dict(),
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else {},
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "best_state": run.best_state, "best": run.best, "history": run.history, "bad_epochs": run.bad_epochs,
-        "train_seconds": run.train_seconds, "seen": run.seen, "rng": torch.get_rng_state(),
-        # dropout on a GPU draws from the GPU's generator
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "extra": extra or {},
-    }, path)
-
-
-def _restore(state: dict, model: nn.Module, opt: torch.optim.Optimizer, sched,
-             scaler: torch.amp.GradScaler | None, device: torch.device) -> _Progress:
-    """Load a checkpoint's state into the model, optimizer, scheduler, scaler and RNGs."""
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    if sched is not None:
-        sched.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    if device.type == "cuda" and state.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
-    return _Progress(epoch=state["epoch"], history=state["history"], best=state["best"],
-                     best_state=state["best_state"], bad_epochs=state["bad_epochs"],
-                     train_seconds=state["train_seconds"], seen=state["seen"])

@@ -10,10 +10,10 @@ re-split, a truncated or edited file) is recomputed or, in `evaluate`, not used,
 
 from __future__ import annotations
 
+import logging
 import csv
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +21,8 @@ from torch import nn
 
 from cnnlab.files import file_digest, write_json
 from cnnlab.models.classifier import Classifier
+
+_log = logging.getLogger(__name__)
 
 META = "meta.json"
 
@@ -85,8 +87,8 @@ class FeatureCache:
             return None
         path = self.folder / f"{split}.pt"
         if not path.exists() or file_digest(path) != entry.get("sha256"):
-            print(f"warning: {path} does not match the sha256 recorded in {self.folder / META} (truncated or "
-                  "edited); it is not used", file=sys.stderr)
+            _log.warning("%s does not match the sha256 recorded in %s (truncated or edited); it is not used",
+                         path, self.folder / META)
             return None
         data = torch.load(path, map_location="cpu", weights_only=True)
         return data["features"], data["labels"]

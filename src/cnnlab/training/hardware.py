@@ -16,14 +16,17 @@ two machines can be told apart.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from cnnlab.config import RuntimeParams
+
+_log = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16", "fp16"]
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -99,11 +102,10 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[Precision, 
     if requested == "auto":
         if native:
             return "bf16", "the CPU has native bf16 (AVX512-BF16 or AMX)"
-        return "fp32", "the CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 would be emulated, 5-12x slower"
+        return "fp32", "the CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 would be emulated, far slower"
     if requested == "bf16" and not native:
-        print("warning: precision = 'bf16' on a CPU without native bf16 (no AVX512-BF16 or AMX): PyTorch "
-              "emulates it, which trained 5-12x slower than fp32 on such a CPU; 'auto' picks fp32 here",
-              file=sys.stderr)
+        _log.warning("precision = 'bf16' on a CPU without native bf16 (no AVX512-BF16 or AMX): PyTorch "
+                     "emulates it, which trains several times slower than fp32; 'auto' picks fp32 here")
         return "bf16", "as set; emulated on this CPU"
     return requested, "as set"  # type: ignore[return-value]
 
@@ -158,6 +160,12 @@ def resolve_runtime(*, device: str = "auto", precision: str = "auto", channels_l
         set_tf32(tf32)
     return Runtime(device=dev, precision=prec, reason=reason, channels_last=channels_last,
                    tf32=tf32 and dev.type == "cuda", threads=torch.get_num_threads())
+
+
+def runtime_of(section: RuntimeParams, *, device: str | None = None) -> Runtime:
+    """A params section's ``runtime`` resolved on this machine (``device`` overrides its device)."""
+    return resolve_runtime(device=device or section.device, precision=section.precision,
+                           channels_last=section.channels_last, tf32=section.tf32)
 
 
 def set_tf32(enabled: bool) -> None:

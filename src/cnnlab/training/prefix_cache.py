@@ -14,10 +14,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from cnnlab.training.engine import autocast
-from cnnlab.training.hardware import Runtime
 from cnnlab.models.classifier import Classifier
 from cnnlab.progress import progress
+from cnnlab.training.engine import autocast
+from cnnlab.training.hardware import Runtime
 
 
 class _Stop(Exception):

@@ -1,0 +1,38 @@
+"""The training losses: cross-entropy (optionally smoothed) or focal, optionally class-weighted."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab.config import FitParams
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): down-weights easy examples by (1 - p_t) ** gamma."""
+
+    def __init__(self, gamma: float, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+        loss = -((1 - logp.exp()) ** self.gamma) * logp
+        if self.weight is not None:
+            w = self.weight[target]
+            return (loss * w).sum() / w.sum()
+        return loss.mean()
+
+
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """n / (k * n_c), the scikit-learn "balanced" rule: rare classes weigh more."""
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+    return len(labels) / (num_classes * counts)
+
+
+def make_criterion(cfg: FitParams, weight: torch.Tensor | None) -> nn.Module:
+    if cfg.loss == "focal":
+        return FocalLoss(cfg.focal_gamma, weight)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
