@@ -38,7 +38,7 @@ def workspace(root: Path, variants: dict, epochs: int | None) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["variants"] = variants
     if epochs is not None:
-        params["train"]["epochs"] = epochs
+        params["scratch"]["epochs"] = epochs
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=ws, check=True)
     return ws
@@ -71,7 +71,7 @@ def _csv(path: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", type=Path, default=REPO / "bench" / "architectures.yaml")
-    ap.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: params.yaml's)")
+    ap.add_argument("--epochs", type=int, default=None, help="override scratch.epochs (default: params.yaml's)")
     ap.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it (default: a temp dir)")
     args = ap.parse_args()
     variants = yaml.safe_load(args.variants.read_text())["variants"]

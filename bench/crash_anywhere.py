@@ -40,7 +40,7 @@ STAGES = ("download", "split", "augment", "scratch@scratch", "scratch@regularize
           "fine_tune@fine_tune", "evaluate", "register")
 SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4},
          "augment": {"copies": 1, "preview_images": 3},
-         "train": {"epochs": 4, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
+         "scratch": {"epochs": 4, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
          "fine_tune": {"epochs": 2}}
 # The same folders are written again by a stage's re-run, with the same bytes: what "lose nothing"
 # compares. data/registry.json is not: re-logging a variant makes a new model version.
@@ -58,7 +58,7 @@ def workspace(path: Path, *, quick: bool = False) -> Path:
     params["variants"]["scratch"]["regularized"]["epochs"] = 4
     if quick:
         del params["variants"]["scratch"]["regularized"]
-        params["train"]["epochs"] = params["fine_tune"]["epochs"] = params["feature_extract"]["head"]["epochs"] = 2
+        params["scratch"]["epochs"] = params["fine_tune"]["epochs"] = params["feature_extract"]["head"]["epochs"] = 2
     return copy_project(path, params)
 
 

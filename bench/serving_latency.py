@@ -21,7 +21,7 @@ data/split/test.csv (generated noise PNGs when there is no split), it measures s
 Timed per call: for the served rows, sending the request body (built and base64-encoded before
 timing) until the whole response is read; for the in-process rows, building the one-column
 DataFrame and ``predict``. The server and this process run one after the other, never at once;
-the server caps its torch threads at min(4, cores) (`cnnlab.serving.limit_threads`), this
+the server caps its torch threads at min(4, cores) (`cnnlab.serving.pyfunc.limit_threads`), this
 process keeps PyTorch's default (one per usable core, the same on up to 4 cores). The report
 checks that the served answers equal the in-process ones. It prints figures and asserts nothing.
 

@@ -27,7 +27,7 @@ from cnnlab_stack.stack import Stack  # noqa: E402
 
 SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4},
          "augment": {"copies": 1, "preview_images": 3},
-         "train": {"epochs": 3, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
+         "scratch": {"epochs": 3, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
          "fine_tune": {"epochs": 1}}
 
 

@@ -18,13 +18,13 @@ are trained, side by side in one process, by:
   processes are available; on a 2-core machine they compete with the training threads).
 * engine fp32: ``cnnlab.training.engine.fit`` on the uint8 tensor cache, fp32, NCHW: the data-path gain.
 * engine (params): the same with params.yaml's precision / memory layout, ``precision: auto``
-  resolved as the train stage resolves it on this machine (bf16 only where the CPU has native
+  resolved as the scratch stage resolves it on this machine (bf16 only where the CPU has native
   bf16: AVX512-BF16 or AMX; else fp32): the data path plus the precision and layout gain.
 * with ``--all-layouts``, every other cell of fp32/bf16 x NCHW/channels_last, which tells the
   layout's share of that gain from the precision's, and checks that the params row is within
   10% of the fastest cell (the default must be the fast choice on whatever CPU runs it).
 
-The engine uses params.yaml's ``train`` section, with the choices that would make the two loops
+The engine uses params.yaml's ``scratch`` section, with the choices that would make the two loops
 train different things pinned to the baseline's: Adam, lr from params, no weight decay, no LR
 schedule, cross-entropy, default init, no dropout, no early stopping.
 
@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
-from cnnlab.config import ConfigError, TrainParams, load_params
+from cnnlab.config import ConfigError, ScratchParams, load_params
 from cnnlab.data.split import read_manifest
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train, split_classes, split_mode
 from cnnlab.training.engine import fit
@@ -85,8 +85,8 @@ PARAMS_GOAL = 0.10  # params.yaml's configuration (precision: auto) within 10% o
 
 
 def cfg_resolved_precision(params_path: Path) -> str:
-    cfg = load_params(params_path).train
-    return resolve_runtime(device="cpu", precision=cfg.precision, channels_last=cfg.channels_last).precision
+    rt = load_params(params_path).scratch.runtime
+    return resolve_runtime(device="cpu", precision=rt.precision, channels_last=rt.channels_last).precision
 
 
 @dataclass
@@ -223,10 +223,10 @@ def run_baseline(
 # ------------------------------------------------------------------------------------- engine
 
 
-def run_engine(model: nn.Module, train: TrainSet, val: TensorSet, cfg: TrainParams, *, seed: int,
+def run_engine(model: nn.Module, train: TrainSet, val: TensorSet, cfg: ScratchParams, *, seed: int,
                verbose: bool, result: PathResult) -> None:
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
-    with sink:  # fit's progress bars and per-epoch lines go to stderr
+    with sink:  # fit's progress bars go to stderr; its per-epoch lines are logged (shown with --verbose)
         fit_result = fit(model, train, val, cfg, seed=seed)
     result.epoch_seconds += [row["epoch_seconds"] for row in fit_result.history]
     result.train_accuracy.append(fit_result.history[-1]["train_accuracy"])
@@ -234,17 +234,22 @@ def run_engine(model: nn.Module, train: TrainSet, val: TensorSet, cfg: TrainPara
     result.images = len(train.versions)
 
 
-def engine_params(params_path: Path, arch: str, epochs: int, batch_size: int) -> TrainParams:
-    base = load_params(params_path).train
+def with_runtime(cfg: ScratchParams, **runtime: object) -> ScratchParams:
+    """``cfg`` with some of its ``runtime`` keys (precision, channels_last, device, tf32) changed."""
+    return ScratchParams(**{**cfg.model_dump(), "runtime": {**cfg.runtime.model_dump(), **runtime}})
+
+
+def engine_params(params_path: Path, arch: str, epochs: int, batch_size: int) -> ScratchParams:
+    base = load_params(params_path).scratch
     pinned = dict(
         arch=arch, arch_kwargs={}, epochs=epochs, batch_size=batch_size, optimizer="adam", weight_decay=0.0,
         scheduler="none", early_stopping_patience=None, loss="cross_entropy", label_smoothing=0.0,
-        class_weights="none", grad_clip=None, accumulation_steps=1, init="default", device="cpu",
+        class_weights="none", grad_clip=None, accumulation_steps=1, init="default",
     )
-    cfg = TrainParams(**{**base.model_dump(), **pinned})
-    # "auto" resolves as the train stage resolves it on this machine: the row shows what runs.
-    rt = resolve_runtime(device="cpu", precision=cfg.precision, channels_last=cfg.channels_last)
-    return TrainParams(**{**cfg.model_dump(), "precision": rt.precision})
+    cfg = with_runtime(ScratchParams(**{**base.model_dump(), **pinned}), device="cpu")
+    # "auto" resolves as the scratch stage resolves it on this machine: the row shows what runs.
+    rt = resolve_runtime(device="cpu", precision=cfg.runtime.precision, channels_last=cfg.runtime.channels_last)
+    return with_runtime(cfg, precision=rt.precision)
 
 
 # --------------------------------------------------------------------------------------- main
@@ -270,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                          " minutes more where bf16 is emulated)")
     ap.add_argument("--verbose", action="store_true", help="show the engine's progress bars and epoch lines")
     args = ap.parse_args(argv)
+    if args.verbose:
+        from cnnlab.logs import configure
+
+        configure()  # the engine's per-epoch lines, as the stages show them
 
     unknown = [m for m in args.models if m not in list_models()]
     if unknown:
@@ -288,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         note(str(exc))
         return 2
     seed = params.base.seed if args.seed is None else args.seed
-    size = params.train.image_size
+    size = params.scratch.image_size
 
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     busy0, total0 = cpu_jiffies()
@@ -298,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     features = cpu_features()  # what PyTorch detects, and so what `precision: auto` decides on
     amx = "yes" if features.amx else "no"
     avx512_bf16 = "yes" if features.avx512_bf16 else "no"
-    requested = load_params(args.params).train.precision
+    requested = load_params(args.params).scratch.runtime.precision
 
     # The tensor cache: decoded once, timed once, shared by every engine run.
     mode, classes = split_mode(split_dir), split_classes(split_dir)
@@ -332,22 +341,24 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.models:
         flops[arch] = flops_per_image(arch, in_channels, len(classes), size, args.batch_size)
         cfg = engine_params(args.params, arch, args.epochs, args.batch_size)
-        cfg32 = TrainParams(**{**cfg.model_dump(), "precision": "fp32", "channels_last": False})
-        spec = ModelSpec(kind="zoo", arch=arch, classes=classes, mode=mode, image_size=size, mean=mean, std=std,
+        cfg32 = with_runtime(cfg, precision="fp32", channels_last=False)
+        spec = ModelSpec(kind="scratch", arch=arch, classes=classes, mode=mode, image_size=size, mean=mean, std=std,
                          kwargs={"dropout": 0.0})
         configs = [cfg32]
         if args.all_layouts:  # every precision x layout cell: tells the layout gain from the precision gain
-            configs += [TrainParams(**{**cfg.model_dump(), "precision": p, "channels_last": cl})
+            configs += [with_runtime(cfg, precision=p, channels_last=cl)
                         for p, cl in (("fp32", True), ("bf16", False), ("bf16", True))]
-        configs = [c for c in configs if (c.precision, c.channels_last) != (cfg.precision, cfg.channels_last)]
+        configs = [c for c in configs if (c.runtime.precision, c.runtime.channels_last)
+                   != (cfg.runtime.precision, cfg.runtime.channels_last)]
         configs.append(cfg)  # the params configuration: always the last row
 
-        def label(c: TrainParams) -> str:
+        def label(c: ScratchParams) -> str:
             params_note = f"; params: {requested}" if c is cfg else ""
-            return f"engine ({c.precision}, {'channels_last' if c.channels_last else 'NCHW'}{params_note})"
+            layout = "channels_last" if c.runtime.channels_last else "NCHW"
+            return f"engine ({c.runtime.precision}, {layout}{params_note})"
 
         baselines = [PathResult(arch, f"baseline ImageFolder, num_workers={w}", "fp32") for w in args.workers]
-        engines = [PathResult(arch, label(c), c.precision) for c in configs]
+        engines = [PathResult(arch, label(c), c.runtime.precision) for c in configs]
         rows = baselines + engines
         for rep in range(args.repeats):
             for w, row in zip(args.workers, baselines):
@@ -358,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                              workers=w, lr=cfg.lr, seed=seed, result=row)
             for c, row in zip(configs, engines):
                 note(f"{arch} repeat {rep + 1}/{args.repeats}: {row.path} ...")
-                torch.manual_seed(seed)  # as the train stage does before build_classifier
+                torch.manual_seed(seed)  # as the scratch stage does before build_classifier
                 model = build_classifier(spec)
                 if rep == 0 and c is configs[0]:
                     torch.manual_seed(seed)
@@ -390,12 +401,13 @@ def main(argv: list[str] | None = None) -> int:
           f"bf16 {peak['bf16'] / 1e9:,.3g} GFLOP/s ({bf16_n}x{bf16_n})"
           + ("" if features.native_bf16 else " -- this CPU has no native bf16 (no AVX512-BF16 or AMX): PyTorch "
              "emulates it, so bf16 rows are slow and their '% of peak' is not shown"))
-    print(f"- params.yaml train.precision: {requested!r}, resolved here to {cfg_resolved_precision(args.params)!r}")
+    print(f"- params.yaml scratch.runtime.precision: {requested!r}, resolved here to "
+          f"{cfg_resolved_precision(args.params)!r}")
     print(f"- data: {len(train.versions):,} training images ({split_dir.name}/images/train, {mode}, {size}x{size}); "
           f"same files as train.csv: {same_data}; tensor cache build (once, untimed in the rows): "
           f"train {t_train_cache:.2f} s, val ({len(val):,} images) {t_val_cache:.2f} s")
     print(f"- run: {args.epochs} epochs x {args.repeats} repeat(s) per path, batch {args.batch_size}, Adam lr "
-          f"{params.train.lr:g}, seed {seed}; images/s = images / median epoch time; training FLOPs = 3 x forward "
+          f"{params.scratch.lr:g}, seed {seed}; images/s = images / median epoch time; training FLOPs = 3 x forward "
           f"(conv + matmul only); whole run {t_all:.0f} s")
     for arch in args.models:
         fwd, both = flops[arch]

@@ -16,7 +16,7 @@ off, so both arms run every epoch) are trained two ways, in one process:
   and validation image (``cnnlab.training.features.Trunk`` + ``cnnlab.training.engine.predict_logits``, the calls
   ``cached_features`` makes: bf16 autocast, channels_last, inference mode), then
   ``cnnlab.training.engine.fit`` trains the head on the cached feature vectors (fp32, as
-  ``FeatureExtractParams.head_train_params`` sets it) and validates it on the cached val
+  ``FeatureExtractParams.head_fit_params`` sets it) and validates it on the cached val
   features every epoch.
 * naive: ``fit`` trains the whole classifier (``build_pretrained_classifier``: normalization,
   backbone, head) on the uint8 images, with every backbone parameter frozen
@@ -34,7 +34,7 @@ few batches comes first, so neither arm pays oneDNN's first-use kernel selection
 
 Part 2, fine-tune throughput. images/s of the `fine_tune` stage's training step: the
 feature_extract-style classifier (backbone + head), the top ``fine_tune.unfreeze_blocks`` blocks
-unfrozen at once (``param_groups`` with ``block_lr_decay``, ``make_before_epoch``: frozen
+unfrozen at once (``Hooks.param_groups`` with ``block_lr_decay``, ``make_before_epoch``: frozen
 BatchNorm in eval mode), fused AdamW (``make_optimizer``), one ``fit`` epoch of ``--steps``
 batches, its ``epoch_seconds`` timed, after an untimed ``fit`` epoch of ``--warmup`` batches.
 Four settings, each from the same pretrained weights: fp32 NCHW, bf16 autocast NCHW, fp32
@@ -63,9 +63,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.config import ConfigError, TrainParams, load_params
+from cnnlab.config import ConfigError, FeatureExtractParams, FitParams, load_params
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train, split_mode
-from cnnlab.training.engine import fit, predict_logits
+from cnnlab.training.engine import Hooks, fit, predict_logits
 from cnnlab.stages.fine_tune import make_before_epoch, param_groups
 from cnnlab.training.hardware import cpu_features, resolve_runtime
 from cnnlab.models.backbones import WeightsUnavailableError, create_backbone
@@ -88,8 +88,13 @@ def note(msg: str) -> None:
 
 
 def quiet(verbose: bool):
-    """fit's progress bars and per-epoch lines go to stderr; hidden unless --verbose."""
+    """fit's progress bars go to stderr; hidden unless --verbose (which also shows its logged epoch lines)."""
     return contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
+
+
+def with_runtime(cfg, **runtime: object):
+    """``cfg`` (a params section with a ``runtime``) with some runtime keys changed, validated again."""
+    return type(cfg)(**{**cfg.model_dump(by_alias=True), "runtime": {**cfg.runtime.model_dump(), **runtime}})
 
 
 # ------------------------------------------------------------------- part 1: head training
@@ -122,7 +127,7 @@ class ArmResult:
         return statistics.median(self.wall)
 
 
-def run_feature_extract(clf: Classifier, head_init: dict, train: TrainSet, val: TensorSet, head_cfg: TrainParams, *,
+def run_feature_extract(clf: Classifier, head_init: dict, train: TrainSet, val: TensorSet, head_cfg: FitParams, *,
                         extract_batch: int, precision: str, channels_last: bool, seed: int, verbose: bool,
                         result: ArmResult) -> None:
     """The stage's way: backbone once per image (as cached_features does it), head on the vectors."""
@@ -148,7 +153,7 @@ def run_feature_extract(clf: Classifier, head_init: dict, train: TrainSet, val: 
     result.best_val_accuracy.append(fr.best_val_accuracy)
 
 
-def run_naive(clf: Classifier, head_init: dict, train: TrainSet, val: TensorSet, cfg: TrainParams, *, seed: int,
+def run_naive(clf: Classifier, head_init: dict, train: TrainSet, val: TensorSet, cfg: FitParams, *, seed: int,
               verbose: bool, result: ArmResult) -> None:
     """The naive way: fit on the images, frozen backbone in eval mode recomputed every batch."""
     head = clf.net.head.inner
@@ -158,8 +163,9 @@ def run_naive(clf: Classifier, head_init: dict, train: TrainSet, val: TensorSet,
     torch.manual_seed(seed)  # same dropout masks as the feature_extract arm
     t0 = time.perf_counter()
     with quiet(verbose):
-        fr = fit(clf, train, val, cfg, seed=seed, param_groups=[{"params": list(head.parameters())}],
-                 before_epoch=lambda epoch, model: model.net.features.eval())
+        fr = fit(clf, train, val, cfg, seed=seed,
+                 hooks=Hooks(param_groups=[{"params": list(head.parameters())}],
+                             before_epoch=lambda epoch, model: model.net.features.eval()))
     result.wall.append(time.perf_counter() - t0)
     result.train_epochs.append(sum(r["epoch_seconds"] for r in fr.history))
     result.val_accuracy.append(fr.history[-1]["val_accuracy"])
@@ -170,7 +176,7 @@ def run_naive(clf: Classifier, head_init: dict, train: TrainSet, val: TensorSet,
 
 
 def finetune_images_per_second(pristine: Classifier, top: list[str], data: TensorSet, val: TensorSet,
-                               cfg: TrainParams, *, decay: float, train_bn: bool, steps: int, warmup: int,
+                               cfg: FitParams, *, decay: float, train_bn: bool, steps: int, warmup: int,
                                seed: int, verbose: bool) -> float:
     """One untimed fit epoch of ``warmup`` batches, then one of ``steps`` batches; images/s of the
     latter from fit's own epoch_seconds (validation excluded). A fresh copy of the weights each time."""
@@ -184,7 +190,7 @@ def finetune_images_per_second(pristine: Classifier, top: list[str], data: Tenso
         groups = param_groups(clf, top, lr=cfg.lr, decay=decay)
         torch.manual_seed(seed)
         with quiet(verbose):
-            fr = fit(clf, subset, val, cfg, seed=seed, param_groups=groups, before_epoch=before)
+            fr = fit(clf, subset, val, cfg, seed=seed, hooks=Hooks(param_groups=groups, before_epoch=before))
         rates.append(len(rows) / fr.history[0]["epoch_seconds"])
     return rates[-1]
 
@@ -214,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="default: params.yaml's base.seed")
     ap.add_argument("--verbose", action="store_true", help="show fit's progress bars and epoch lines")
     args = ap.parse_args(argv)
+    if args.verbose:
+        from cnnlab.logs import configure
+
+        configure()  # fit's per-epoch lines, as the stages show them
     for opt in ("epochs", "steps", "repeats"):
         if getattr(args, opt) < 1:
             ap.error(f"--{opt} must be >= 1")
@@ -234,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         note(str(exc))
         return 2
     # "auto" resolved as the stages resolve it on this machine, so the rows say what runs
-    fxp, ftp = (p.model_copy(update={"precision": resolve_runtime(device="cpu", precision=p.precision).precision})
+    fxp, ftp = (with_runtime(p, precision=resolve_runtime(device="cpu", precision=p.runtime.precision).precision)
                 for p in (params.feature_extract, params.fine_tune))
     seed = params.base.seed if args.seed is None else args.seed
     size = args.image_size or fxp.image_size
@@ -269,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- the classifier the stages build (pretrained backbone + head), built once
     note(f"building {fxp.backbone} (weights: {fxp.weights}) ...")
-    spec = backbone_spec(split_dir, backbone=fxp.backbone, weights=fxp.weights, image_size=size,
-                         dropout=fxp.head_dropout, hidden=fxp.head_hidden)
+    spec = backbone_spec(split_dir, FeatureExtractParams(**{**fxp.model_dump(), "image_size": size}))
     torch.manual_seed(seed)
     try:
         pristine = build_pretrained_classifier(spec)
@@ -285,17 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     # --- part 1
     fe = ArmResult("feature_extract (backbone once, cached features)")
     nv = ArmResult("naive (backbone recomputed every batch, every epoch)")
-    head_cfg = TrainParams(**{**fxp.head_train_params().model_dump(), "epochs": args.epochs,
-                              "early_stopping_patience": None, "device": "cpu"})
-    naive_cfg = TrainParams(**{**head_cfg.model_dump(), "precision": fxp.precision,
-                               "channels_last": fxp.channels_last})
+    head_cfg = with_runtime(FitParams(**{**fxp.head_fit_params().model_dump(), "epochs": args.epochs,
+                                         "early_stopping_patience": None}), device="cpu")
+    naive_cfg = with_runtime(head_cfg, precision=fxp.runtime.precision, channels_last=fxp.runtime.channels_last)
     if args.skip != "head":
         note("warm-up: one untimed backbone forward ...")
         warm = Trunk(copy.deepcopy(pristine)).eval()
-        if fxp.channels_last:
+        if fxp.runtime.channels_last:
             warm.to(memory_format=torch.channels_last)
         predict_logits(warm, train.images[: 2 * fxp.batch_size], batch_size=fxp.batch_size,
-                       device=torch.device("cpu"), precision=fxp.precision, channels_last=fxp.channels_last)
+                       device=torch.device("cpu"), precision=fxp.runtime.precision,
+                       channels_last=fxp.runtime.channels_last)
         del warm
         for r in range(args.repeats):
             order = ["fe", "naive"] if r % 2 == 0 else ["naive", "fe"]
@@ -304,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                 if arm == "fe":
                     note(f"part 1, repeat {r + 1}/{args.repeats}: feature_extract, {args.epochs} epochs ...")
                     run_feature_extract(clf, head_init, train, val, head_cfg, extract_batch=fxp.batch_size,
-                                        precision=fxp.precision, channels_last=fxp.channels_last, seed=seed,
+                                        precision=fxp.runtime.precision,
+                                        channels_last=fxp.runtime.channels_last, seed=seed,
                                         verbose=args.verbose, result=fe)
                 else:
                     note(f"part 1, repeat {r + 1}/{args.repeats}: naive, {args.epochs} epochs ...")
@@ -315,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- part 2
     top = list(reversed(info.blocks))[: ftp.unfreeze_blocks]  # nearest the head first, as fine_tune does
     rates: dict[tuple[str, bool], list[float]] = {k: [] for k in LAYOUTS}
-    ft_base = ftp.train_params()
+    ft_base = FitParams(**ftp.model_dump(include=set(FitParams.model_fields)))  # the loop's settings alone
     ft_data = TensorSet(train.images, train.labels)
     ft_val = TensorSet(val.images[:ft_batch], val.labels[:ft_batch])  # fit validates; keep it cheap (untimed)
     if args.skip != "finetune":
@@ -323,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             for precision, cl in (LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]):
                 note(f"part 2, repeat {r + 1}/{args.repeats}: fine-tune step, {precision}, "
                      f"{'channels_last' if cl else 'NCHW'} ...")
-                cfg = TrainParams(**{**ft_base.model_dump(), "precision": precision, "channels_last": cl,
-                                     "epochs": 1, "batch_size": ft_batch, "early_stopping_patience": None,
-                                     "device": "cpu"})
+                cfg = with_runtime(FitParams(**{**ft_base.model_dump(), "epochs": 1, "batch_size": ft_batch,
+                                                "early_stopping_patience": None}),
+                                   precision=precision, channels_last=cl, device="cpu")
                 rates[(precision, cl)].append(finetune_images_per_second(
                     pristine, top, ft_data, ft_val, cfg, decay=ftp.block_lr_decay, train_bn=ftp.train_bn,
                     steps=args.steps, warmup=args.warmup, seed=seed, verbose=args.verbose))
@@ -357,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## 1. feature_extract vs naive: {args.epochs} epochs of head training\n")
         print(f"Both arms: head {head_cfg.optimizer} lr {head_cfg.lr:g}, wd {head_cfg.weight_decay:g}, "
               f"{head_cfg.scheduler} schedule, batch {head_cfg.batch_size}, fp32 head, no early stopping, "
-              f"validation every epoch; backbone forwards {fxp.precision} autocast"
-              f"{' + channels_last' if fxp.channels_last else ''}, eval mode. Extraction batch {fxp.batch_size}. "
+              f"validation every epoch; backbone forwards {fxp.runtime.precision} autocast"
+              f"{' + channels_last' if fxp.runtime.channels_last else ''}, eval mode. Extraction batch {fxp.batch_size}. "
               f"{args.repeats} repeat(s), interleaved; medians.\n")
         print("| arm | wall s | backbone forward, once (s) | head train epochs (s) | validation + rest (s) "
               "| val acc (last epoch) | best val acc |")
@@ -396,10 +406,10 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(rs)
             print(f"| {precision} | {'channels_last' if cl else 'NCHW'} | {med:,.1f} | {med / ref:.2f}x | "
                   f"{', '.join(f'{x:,.1f}' for x in rs)} |")
-        stage = (ftp.precision, ftp.channels_last)
+        stage = (ftp.runtime.precision, ftp.runtime.channels_last)
         if stage in rates:
-            print(f"\nparams.yaml's fine_tune setting is {ftp.precision}"
-                  f"{' + channels_last' if ftp.channels_last else ' NCHW'}: "
+            print(f"\nparams.yaml's fine_tune setting is {ftp.runtime.precision}"
+                  f"{' + channels_last' if ftp.runtime.channels_last else ' NCHW'}: "
                   f"{statistics.median(rates[stage]) / ref:.2f}x fp32 NCHW.")
     return 0
 

@@ -21,6 +21,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 
+@pytest.fixture(autouse=True)
+def cnnlab_logging() -> Iterator[None]:
+    """The "cnnlab" logger as the test found it: an entry point run in-process (a stage script's
+    `main`, `python -m cnnlab`'s) adds a stderr handler and a level for the rest of its process."""
+    import logging
+
+    logger = logging.getLogger("cnnlab")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers, logger.level, logger.propagate = saved
+
+
 def use_mlflow_store(mp: pytest.MonkeyPatch, root: Path) -> str:
     """Point MLflow (this process and its subprocesses) at a fresh sqlite store in ``root``, for
     as long as ``mp`` lasts; returns the tracking URI."""
@@ -135,3 +147,23 @@ def team_stack():
             yield stack
         finally:
             stack.down()
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    return use_mlflow_store(monkeypatch, tmp_path)
+
+
+@pytest.fixture
+def split_dir(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("CNNLAB_OFFLINE", "1")
+    from cnnlab.config import SplitParams
+    from cnnlab.data.split import run_split
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "split"
+    run_split(tiny_idx, out, SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=6,
+                                         max_val_per_class=3, max_test_per_class=2, max_image_pixels=10_000,
+                                         max_side=None, color_mode="auto"), seed=0)
+    return out

@@ -8,7 +8,7 @@ from PIL import Image
 
 import cnnlab.data.augment
 import cnnlab.data.tensors
-from cnnlab.config import AugmentParams
+from cnnlab.config import AugmentParams, SplitParams
 from cnnlab.data.augment import augment_image, build_policy, preview_picks, run_augment
 from cnnlab.data.split import read_manifest, run_split
 from cnnlab.data.tensors import load_train
@@ -17,9 +17,9 @@ from cnnlab.data.tensors import load_train
 @pytest.fixture
 def split_dir(tiny_idx: Path, tmp_path: Path) -> Path:
     out = tmp_path / "split"
-    run_split(tiny_idx, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=3,
-              max_val_per_class=1, max_test_per_class=1, max_image_pixels=10_000, max_side=None,
-              color_mode="auto")
+    cfg = SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=3, max_val_per_class=1,
+                      max_test_per_class=1, max_image_pixels=10_000, max_side=None, color_mode="auto")
+    run_split(tiny_idx, out, cfg, seed=0)
     return out
 
 
@@ -33,8 +33,7 @@ def _digest(folder: Path) -> str:
 
 def test_copies_manifest_and_preview(split_dir: Path, tmp_path: Path):
     out, preview = tmp_path / "aug", tmp_path / "plots" / "preview.png"
-    summary = run_augment(split_dir, out, preview, policy_params=AugmentParams(), copies=2, seed=1,
-                          preview_images=4)
+    summary = run_augment(split_dir, out, preview, AugmentParams(copies=2, preview_images=4), seed=1)
     assert summary == {"originals": 30, "copies_per_image": 2, "augmented_images": 60}
     rows = read_manifest(out, "train")
     assert len(rows) == 60
@@ -49,10 +48,9 @@ def test_copies_manifest_and_preview(split_dir: Path, tmp_path: Path):
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(split_dir: Path, tmp_path: Path):
-    policy = AugmentParams()
+    policy = AugmentParams(copies=2, preview_images=2)
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        run_augment(split_dir, tmp_path / name, tmp_path / f"{name}.png", policy_params=policy, copies=2, seed=seed,
-                    preview_images=2)
+        run_augment(split_dir, tmp_path / name, tmp_path / f"{name}.png", policy, seed=seed)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
@@ -66,8 +64,8 @@ def _column(csv_file: Path, name: str) -> list[str]:
 def test_sources_are_posix_paths_on_windows_too(split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # What pathlib.Path is on Windows: the same parts, joined by str() with backslashes.
     monkeypatch.setattr(cnnlab.data.augment, "Path", PureWindowsPath)
-    run_augment(split_dir, tmp_path / "aug", tmp_path / "preview.png", policy_params=AugmentParams(), copies=2,
-                seed=1, preview_images=2)
+    run_augment(split_dir, tmp_path / "aug", tmp_path / "preview.png", AugmentParams(copies=2, preview_images=2),
+                seed=1)
     sources = _column(tmp_path / "aug" / "train.csv", "source")
     assert not any("\\" in s for s in sources)
     # the split's `path` column: POSIX, relative to the split folder
@@ -77,8 +75,8 @@ def test_sources_are_posix_paths_on_windows_too(split_dir: Path, tmp_path: Path,
 def test_train_set_finds_copies_by_posix_source_on_windows_too(
     split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    run_augment(split_dir, tmp_path / "aug", tmp_path / "preview.png", policy_params=AugmentParams(), copies=2,
-                seed=1, preview_images=2)
+    run_augment(split_dir, tmp_path / "aug", tmp_path / "preview.png", AugmentParams(copies=2, preview_images=2),
+                seed=1)
     monkeypatch.setattr(cnnlab.data.tensors, "Path", PureWindowsPath)  # as on Windows
     data = load_train(split_dir, tmp_path / "aug", mode="L", size=28)
     assert data.versions.tolist() == [[i, 30 + 2 * i, 31 + 2 * i] for i in range(30)]
@@ -86,8 +84,7 @@ def test_train_set_finds_copies_by_posix_source_on_windows_too(
 
 def test_train_set_refuses_backslash_sources_with_what_to_do(split_dir: Path, tmp_path: Path):
     aug = tmp_path / "aug"
-    run_augment(split_dir, aug, tmp_path / "preview.png", policy_params=AugmentParams(), copies=1, seed=1,
-                preview_images=2)
+    run_augment(split_dir, aug, tmp_path / "preview.png", AugmentParams(copies=1, preview_images=2), seed=1)
     text = (aug / "train.csv").read_text(encoding="utf-8")
     first = _column(aug / "train.csv", "source")[0]
     (aug / "train.csv").write_text(text.replace(first, first.replace("/", "\\"), 1), encoding="utf-8")

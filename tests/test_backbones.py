@@ -194,7 +194,7 @@ def test_timm_without_file_and_unknown_names() -> None:
 
 def _grey_spec(**kwargs: object) -> ModelSpec:
     return ModelSpec(
-        kind="backbone",
+        kind="pretrained",
         arch="efficientnet_lite0",
         classes=["a", "b", "c"],
         mode="L",
@@ -221,12 +221,12 @@ def test_backbone_kind_grey_end_to_end_and_reload_offline(tmp_path: Path, monkey
     loaded, spec = load_classifier(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(loaded(x), out)
-    assert spec.kind == "backbone"
+    assert spec.kind == "pretrained"
 
 
 def test_pretrained_classifier_and_head_options(lite0_imagenet: torch.nn.Module) -> None:
     spec = ModelSpec(
-        kind="backbone",
+        kind="pretrained",
         arch="efficientnet_lite0",
         classes=["a", "b"],
         mode="RGB",

@@ -28,7 +28,7 @@ def _keys(model: type[BaseModel], data: dict, prefix: str = "") -> set[str]:
 
 # Leaves of the schema that hold free-form maps: builder arguments, and the variants of each kind
 # (each entry overrides its kind's section; see the variants tests below).
-LEAF_DICTS = ("train.arch_kwargs", "variants.scratch", "variants.feature_extract", "variants.fine_tune")
+LEAF_DICTS = ("scratch.arch_kwargs", "variants.scratch", "variants.feature_extract", "variants.fine_tune")
 
 
 def _yaml_keys(data: dict, prefix: str = "", leaf_dicts: tuple[str, ...] = LEAF_DICTS) -> set[str]:
@@ -119,11 +119,11 @@ def test_bad_yaml_and_missing_file(tmp_path: Path):
         load_params(bad)
 
 
-def test_train_rules():
+def test_scratch_rules():
     with pytest.raises(ConfigError, match="label_smoothing applies to cross_entropy only"):
-        parse_params({"train": {"loss": "focal", "label_smoothing": 0.1}})
-    with pytest.raises(ConfigError, match="train.optimizer = 'adagrad'"):
-        parse_params({"train": {"optimizer": "adagrad"}})
+        parse_params({"scratch": {"loss": "focal", "label_smoothing": 0.1}})
+    with pytest.raises(ConfigError, match="scratch.optimizer = 'adagrad'"):
+        parse_params({"scratch": {"optimizer": "adagrad"}})
     with pytest.raises(ConfigError, match="on_the_fly"):
         parse_params({"variants": {"scratch": {"x": {"on_the_fly": True}}}})
 
@@ -141,14 +141,14 @@ def test_repo_variants_resolve_in_table_order_with_their_stages():
         ("feature_extract", "feature_extract", "feature_extract@feature_extract"),
         ("fine_tune", "fine_tune", "fine_tune@fine_tune")]
     reg = variants["regularized"].settings
-    assert (reg.dropout, reg.train_data, reg.epochs, reg.arch) == (0.3, "data/augmented", 100, "simple_cnn")
-    assert variants["scratch"].settings.epochs == 40  # not overridden: the train section's
+    assert (reg.dropout, reg.train_data, reg.epochs, reg.arch) == (0.3, "augmented", 100, "simple_cnn")
+    assert variants["scratch"].settings.epochs == 40  # not overridden: the scratch section's
     assert variants["fine_tune"].settings.from_ == "feature_extract"
 
 
 def test_an_entry_overrides_only_its_keys_and_nested_head_key_by_key():
     p = parse_params({
-        "train": {"lr": 0.01},
+        "scratch": {"lr": 0.01},
         "feature_extract": {"head": {"epochs": 7, "lr": 0.5}},
         **_variants(scratch={"lenet": {"arch": "lenet5", "epochs": 20}},
                     feature_extract={"fx": {"backbone": "resnet18", "head": {"lr": 0.1}}}),
@@ -183,7 +183,7 @@ def test_a_bad_variant_entry_is_refused_naming_it(variants: dict, message: str):
 
 
 def test_an_entry_with_another_arch_does_not_inherit_the_sections_arch_kwargs():
-    p = parse_params({"train": {"arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
+    p = parse_params({"scratch": {"arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
                       **_variants(scratch={"tiny": {}, "lenet": {"arch": "lenet5"},
                                            "lenet_tanh": {"arch": "lenet5", "arch_kwargs": {"activation": "tanh"}}})})
     v = p.resolved_variants()

@@ -14,7 +14,7 @@ import torch
 from conftest import REPO
 
 BIN = Path(sys.executable).parent
-WORKER = REPO / "tests" / "ddp_worker.py"
+WORKER = REPO / "tests" / "helpers" / "ddp_worker.py"
 
 
 def _train(tmp_path: Path, name: str, nproc: int, *args: str) -> list[dict]:

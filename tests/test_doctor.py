@@ -21,7 +21,7 @@ from cnnlab.config import load_params
 from cnnlab.training.hardware import resolve_device, resolve_precision
 from cnnlab.models import backbones
 
-STAGES = ("train", "feature_extract", "fine_tune", "evaluate")
+STAGES = ("scratch", "feature_extract", "fine_tune", "evaluate")
 # What --json documents (cnnlab.cli.doctor's docstring); stages/data/weights need a valid params file.
 JSON_KEYS = {"params", "versions", "devices", "stages", "mlflow", "data", "weights", "problems", "warnings", "ok"}
 
@@ -37,18 +37,23 @@ def _keep_tf32() -> Any:
 def expected_precisions() -> dict[str, str]:
     """What the repository's params resolve to here, by the same rules the stages use."""
     p = load_params(REPO / "params.yaml")
-    wanted = {"train": (p.train.device, p.train.precision), "evaluate": (p.evaluate.device, "fp32"),
-              "feature_extract": (p.feature_extract.device, p.feature_extract.precision),
-              "fine_tune": (p.fine_tune.device, p.fine_tune.precision)}
+    wanted = {"scratch": (p.scratch.runtime.device, p.scratch.runtime.precision),
+              "evaluate": (p.evaluate.device, "fp32"),
+              "feature_extract": (p.feature_extract.runtime.device, p.feature_extract.runtime.precision),
+              "fine_tune": (p.fine_tune.runtime.device, p.fine_tune.runtime.precision)}
     return {name: resolve_precision(prec, resolve_device(dev))[0] for name, (dev, prec) in wanted.items()}
 
 
 def write_params(tmp_path: Path, **changes: Any) -> Path:
-    """The repository's params.yaml with ``section__key=value`` changes, written to tmp_path."""
+    """The repository's params.yaml with ``section__key=value`` changes (``section__sub__key`` for a
+    nested key such as ``scratch__runtime__device``), written to tmp_path."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     for name, value in changes.items():
-        section, key = name.split("__")
-        raw[section][key] = value
+        *path, key = name.split("__")
+        node = raw
+        for part in path:
+            node = node[part]
+        node[key] = value
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
@@ -97,10 +102,10 @@ def test_json_has_the_documented_keys() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_a_gpu_fails_naming_the_key(tmp_path: Path) -> None:
-    done = cli("--params", str(write_params(tmp_path, train__device="cuda")))
+    done = cli("--params", str(write_params(tmp_path, scratch__runtime__device="cuda")))
     assert done.returncode == 1, done.stdout
     assert "doctor: 1 problem(s)" in done.stdout
-    assert "  - train.device: device = 'cuda' but no CUDA device" in done.stdout
+    assert "  - scratch.runtime.device: device = 'cuda' but no CUDA device" in done.stdout
 
 
 def test_missing_fashion_mnist_files_warn_but_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,8 +145,8 @@ def test_missing_offline_weights_fail_with_the_fix(
 def test_invalid_params_are_one_problem_and_the_rest_still_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status, got = in_process(write_params(tmp_path, train__epochs=0), capsys)
+    status, got = in_process(write_params(tmp_path, scratch__epochs=0), capsys)
     assert status == 1
     assert [p["where"] for p in got["problems"]] == ["params"]
-    assert "train.epochs" in got["problems"][0]["message"]
+    assert "scratch.epochs" in got["problems"][0]["message"]
     assert {"versions", "devices"} <= set(got) and "stages" not in got

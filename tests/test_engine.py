@@ -13,49 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab.config import TrainParams
+from cnnlab.config import FitParams
 from cnnlab.data.tensors import TensorSet, TrainSet
-from cnnlab.training.engine import FocalLoss, balanced_class_weights, fit, validate, load_checkpoint, make_criterion
 from cnnlab.models.classifier import ModelSpec, build_classifier
-
-FAST = dict(epochs=4, batch_size=16, early_stopping_patience=None, precision="fp32", channels_last=False)
-
-
-def data(n_per_class: int = 24, classes: int = 3, size: int = 12, seed: int = 0, copies: int = 0) -> tuple[TrainSet, TensorSet]:
-    """Class c = a bright square at a class-specific place plus noise: learnable in a few epochs."""
-    g = torch.Generator().manual_seed(seed)
-
-    def make(n):
-        labels = torch.arange(classes).repeat_interleave(n)
-        imgs = torch.randint(0, 60, (len(labels), 1, size, size), generator=g, dtype=torch.uint8)
-        for i, c in enumerate(labels.tolist()):
-            imgs[i, 0, 2 + 3 * c: 5 + 3 * c, 2:6] = 250
-        return imgs, labels
-
-    x, y = make(n_per_class)
-    n = len(y)
-    versions = [[i] for i in range(n)]
-    if copies:
-        extra = [x.roll(1, dims=3) for _ in range(copies)]
-        for k in range(copies):
-            for i in range(n):
-                versions[i].append(n * (k + 1) + i)
-        x, y = torch.cat([x, *extra]), torch.cat([y] * (copies + 1))
-    vx, vy = make(n_per_class // 2)
-    return TrainSet(x, y, torch.tensor(versions)), TensorSet(vx, vy)
-
-
-def model(seed: int = 0, dropout: float = 0.0, arch: str = "tinyvgg"):
-    torch.manual_seed(seed)
-    spec = ModelSpec(kind="zoo", arch=arch, classes=["a", "b", "c"], mode="L", image_size=12, mean=[0.2], std=[0.3],
-                     kwargs={"dropout": dropout, **({"hidden_units": 4} if arch == "tinyvgg" else {})})
-    return build_classifier(spec)
-
+from cnnlab.training.checkpoint import Checkpointing, load_checkpoint
+from cnnlab.training.engine import Hooks, fit, validate
+from cnnlab.training.losses import FocalLoss, balanced_class_weights, make_criterion
+from helpers.engine_data import FAST, data, fit_params, model
 
 def test_learns_and_reports_exact_per_sample_accuracy():
     train, val = data()
     m = model()
-    result = fit(m, train, val, TrainParams(**{**FAST, "epochs": 8, "lr": 0.01}), seed=0)
+    result = fit(m, train, val, fit_params(**{**FAST, "epochs": 8, "lr": 0.01}), seed=0)
     assert result.best_val_accuracy > 0.9
     # exact: a multiple of 1/len(val), and equal to a fresh evaluation of the restored best weights
     assert math.isclose(result.best_val_accuracy * len(val), round(result.best_val_accuracy * len(val)))
@@ -64,7 +33,7 @@ def test_learns_and_reports_exact_per_sample_accuracy():
 
 
 def test_same_seed_same_history_other_seed_differs():
-    cfg = TrainParams(**FAST)
+    cfg = fit_params(**FAST)
     runs = []
     for seed in (1, 1, 2):
         train, val = data()
@@ -80,7 +49,7 @@ def test_accumulation_matches_a_bigger_batch():
     for batch, acc in ((16, 1), (8, 2)):
         train, val = data(n_per_class=16)
         m = model(dropout=0.0)
-        fit(m, train, val, TrainParams(**{**FAST, "epochs": 1, "batch_size": batch, "accumulation_steps": acc,
+        fit(m, train, val, fit_params(**{**FAST, "epochs": 1, "batch_size": batch, "accumulation_steps": acc,
                                            "optimizer": "sgd", "scheduler": "none", "momentum": 0.0}), seed=0)
         outs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-6)
@@ -104,7 +73,7 @@ def _fit_recording_weights(m, train, val, cfg, **kw):
     def on_epoch(row):  # runs after the epoch's validation, before any restore
         states[int(row["epoch"])] = copy.deepcopy(m.state_dict())
 
-    return fit(m, train, val, cfg, seed=0, on_epoch=on_epoch, **kw), states
+    return fit(m, train, val, cfg, seed=0, hooks=Hooks(on_epoch=on_epoch, **kw)), states
 
 
 def _best_epoch(history) -> int:
@@ -130,7 +99,7 @@ def test_early_stopping_ends_patience_epochs_after_the_best_and_restores_it():
     hook, true = _rotated_val_labels(val, _bad_at_2_and_after_k)
     m = model()
     patience = 3
-    cfg = TrainParams(**{**FAST, "epochs": 30, "lr": 0.01, "early_stopping_patience": patience, "device": "cpu"})
+    cfg = fit_params(**{**FAST, "epochs": 30, "lr": 0.01, "early_stopping_patience": patience, "device": "cpu"})
     result, states = _fit_recording_weights(m, train, val, cfg, before_epoch=hook)
     h = result.history
     best = _best_epoch(h)
@@ -154,7 +123,7 @@ def test_without_patience_every_epoch_runs_and_the_best_is_still_restored():
     hook, _ = _rotated_val_labels(val, _bad_at_2_and_after_k)
     m = model()
     epochs = K + 4
-    cfg = TrainParams(**{**FAST, "epochs": epochs, "lr": 0.01, "early_stopping_patience": None, "device": "cpu"})
+    cfg = fit_params(**{**FAST, "epochs": epochs, "lr": 0.01, "early_stopping_patience": None, "device": "cpu"})
     result, states = _fit_recording_weights(m, train, val, cfg, before_epoch=hook)
     best = _best_epoch(result.history)
     assert best <= K
@@ -173,9 +142,9 @@ def _lr_column(scheduler: str, *, epochs: int, batch_size: int = 16, param_group
     train, val = data(n_per_class=8)  # 24 images
     m = model()
     groups = param_groups(m) if param_groups else None
-    cfg = TrainParams(**{**FAST, "epochs": epochs, "batch_size": batch_size, "optimizer": "sgd", "lr": LR,
+    cfg = fit_params(**{**FAST, "epochs": epochs, "batch_size": batch_size, "optimizer": "sgd", "lr": LR,
                          "scheduler": scheduler, "device": "cpu", **kw})
-    history = fit(m, train, val, cfg, seed=0, param_groups=groups).history
+    history = fit(m, train, val, cfg, seed=0, hooks=Hooks(param_groups=groups)).history
     assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
     return [r["lr"] for r in history]
 
@@ -267,7 +236,7 @@ def _one_step(train: TrainSet, val: TensorSet, **options) -> tuple[list[torch.Te
     """(weights before, weights after) one optimizer step on one batch holding the whole set."""
     m = model()
     before = [p.detach().clone() for p in m.parameters()]
-    cfg = TrainParams(**{**FAST, "epochs": 1, "batch_size": len(train), "optimizer": "sgd", "momentum": 0.0,
+    cfg = fit_params(**{**FAST, "epochs": 1, "batch_size": len(train), "optimizer": "sgd", "momentum": 0.0,
                          "weight_decay": 0.0, "scheduler": "none", "lr": 0.5, "device": "cpu", **options})
     fit(m, train, val, cfg, seed=0)
     return before, [p.detach() for p in m.parameters()]
@@ -390,9 +359,9 @@ def test_second_step_carries_momentum_and_weight_decay(optimizer: str):
     def on_epoch(row: dict[str, float]) -> None:  # before fit restores the best epoch's weights
         after[int(row["epoch"])] = [p.detach().clone() for p in m.parameters()]
 
-    cfg = TrainParams(**{**FAST, "epochs": 2, "batch_size": len(train), "optimizer": optimizer, "lr": lr,
+    cfg = fit_params(**{**FAST, "epochs": 2, "batch_size": len(train), "optimizer": optimizer, "lr": lr,
                          "momentum": mom, "weight_decay": wd, "scheduler": "none", "device": "cpu"})
-    fit(m, train, val, cfg, seed=0, on_epoch=on_epoch)
+    fit(m, train, val, cfg, seed=0, hooks=Hooks(on_epoch=on_epoch))
     w1, w2 = after[1], after[2]
     g0, g1 = _gradient_at(w0, train), _gradient_at(w1, train)
     compared = 0
@@ -440,9 +409,9 @@ def test_criteria_match_their_formulas_by_hand():
     weight = balanced_class_weights(TARGET, 3)
     torch.testing.assert_close(weight, torch.tensor(w))
 
-    plain = make_criterion(TrainParams(), None)(LOGITS, TARGET)
+    plain = make_criterion(FitParams(), None)(LOGITS, TARGET)
     assert plain.item() == pytest.approx(sum(nll) / n, rel=1e-6)
-    weighted = make_criterion(TrainParams(class_weights="balanced"), weight)(LOGITS, TARGET)
+    weighted = make_criterion(FitParams(class_weights="balanced"), weight)(LOGITS, TARGET)
     wy = [w[int(t)] for t in TARGET]
     assert weighted.item() == pytest.approx(sum(a * b for a, b in zip(wy, nll)) / sum(wy), rel=1e-6)
     assert weighted.item() != pytest.approx(plain.item(), rel=1e-3)
@@ -451,22 +420,22 @@ def test_criteria_match_their_formulas_by_hand():
     other = torch.tensor([0.5, 2.0, 4.0])
     wo = [other[int(t)].item() for t in TARGET]
     assert sum(wo) != n
-    got_ce = make_criterion(TrainParams(class_weights="balanced"), other)(LOGITS, TARGET).item()
+    got_ce = make_criterion(FitParams(class_weights="balanced"), other)(LOGITS, TARGET).item()
     assert got_ce == pytest.approx(sum(a * b for a, b in zip(wo, nll)) / sum(wo), rel=1e-6)
 
     eps = 0.1
     smooth = [(1 - eps) * nll[i] + eps / 3 * sum(-math.log(_p(i, c)) for c in range(3)) for i in range(n)]
-    smoothed = make_criterion(TrainParams(label_smoothing=eps), None)(LOGITS, TARGET)
+    smoothed = make_criterion(FitParams(label_smoothing=eps), None)(LOGITS, TARGET)
     assert smoothed.item() == pytest.approx(sum(smooth) / n, rel=1e-6)
 
     gamma = 2.0
     focal = [(1 - _p(i, int(TARGET[i]))) ** gamma * nll[i] for i in range(n)]
-    got = make_criterion(TrainParams(loss="focal", focal_gamma=gamma), None)
+    got = make_criterion(FitParams(loss="focal", focal_gamma=gamma), None)
     assert isinstance(got, FocalLoss)
     assert got(LOGITS, TARGET).item() == pytest.approx(sum(focal) / n, rel=1e-6)
-    got_w = make_criterion(TrainParams(loss="focal", focal_gamma=gamma), weight)(LOGITS, TARGET)
+    got_w = make_criterion(FitParams(loss="focal", focal_gamma=gamma), weight)(LOGITS, TARGET)
     assert got_w.item() == pytest.approx(sum(a * b for a, b in zip(wy, focal)) / sum(wy), rel=1e-6)
-    got_o = make_criterion(TrainParams(loss="focal", focal_gamma=gamma), other)(LOGITS, TARGET)
+    got_o = make_criterion(FitParams(loss="focal", focal_gamma=gamma), other)(LOGITS, TARGET)
     assert got_o.item() == pytest.approx(sum(a * b for a, b in zip(wo, focal)) / sum(wo), rel=1e-6)
     # gamma 0 is plain cross-entropy
     assert FocalLoss(gamma=0.0)(LOGITS, TARGET).item() == pytest.approx(sum(nll) / n, rel=1e-6)
@@ -482,13 +451,13 @@ def test_precision_and_channels_last_reach_the_convolutions(precision: str, chan
     rgb = lambda s: s.images.repeat(1, 3, 1, 1)  # noqa: E731
     train, val = TrainSet(rgb(train), train.labels, train.versions), TensorSet(rgb(val), val.labels)
     torch.manual_seed(0)
-    m = build_classifier(ModelSpec(kind="zoo", arch="tinyvgg", classes=["a", "b", "c"], mode="RGB", image_size=12,
+    m = build_classifier(ModelSpec(kind="scratch", arch="tinyvgg", classes=["a", "b", "c"], mode="RGB", image_size=12,
                                    mean=[0.2] * 3, std=[0.3] * 3, kwargs={"hidden_units": 4}))
     seen = []
     first_conv = next(mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d))
     first_conv.register_forward_hook(lambda mod, inp, out: seen.append(
         (m.training, out.dtype, inp[0].is_contiguous(memory_format=torch.channels_last), inp[0].is_contiguous())))
-    cfg = TrainParams(**{**FAST, "epochs": 1, "precision": precision, "channels_last": channels_last,
+    cfg = fit_params(**{**FAST, "epochs": 1, "precision": precision, "channels_last": channels_last,
                          "device": "cpu"})
     fit(m, train, val, cfg, seed=0)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -501,13 +470,13 @@ def test_precision_and_channels_last_reach_the_convolutions(precision: str, chan
 def test_fp16_on_cpu_is_a_clear_error():
     train, val = data(n_per_class=4)
     with pytest.raises(ValueError, match="fp16.*needs CUDA"):
-        fit(model(), train, val, TrainParams(**{**FAST, "precision": "fp16", "device": "cpu"}), seed=0)
+        fit(model(), train, val, fit_params(**{**FAST, "precision": "fp16", "device": "cpu"}), seed=0)
 
 
 def test_checkpoint_from_other_params_is_ignored(tmp_path: Path):
     train, val = data(n_per_class=4)
     ckpt = tmp_path / "c.pt"
-    fit(model(), train, val, TrainParams(**{**FAST, "epochs": 1}), seed=0, checkpoint=ckpt, fingerprint="A")
+    fit(model(), train, val, fit_params(**{**FAST, "epochs": 1}), seed=0, checkpoint=Checkpointing(ckpt, "A"))
     assert load_checkpoint(ckpt, "A")["epoch"] == 1
     assert load_checkpoint(ckpt, "B") is None
     ckpt.write_bytes(b"not a checkpoint")
@@ -517,8 +486,8 @@ def test_checkpoint_from_other_params_is_ignored(tmp_path: Path):
 RESUME_SCRIPT = """
 import sys, json, torch
 sys.path.insert(0, {tests!r})
-from test_engine import data, model, FAST
-from cnnlab.config import TrainParams
+from helpers.engine_data import data, model, fit_params, FAST
+from cnnlab.training.checkpoint import Checkpointing
 from cnnlab.training.engine import fit
 import cnnlab.training.engine as engine
 slow = int(sys.argv[2])
@@ -528,8 +497,8 @@ if slow:  # give the parent time to kill us between epochs
         import time; time.sleep(slow / 10); return real(*a, **k)
     engine.validate = evaluate
 train, val = data(copies=1)
-cfg = TrainParams(**{{**FAST, "epochs": 6, "lr": 0.01}})
-r = fit(model(dropout=0.5), train, val, cfg, seed=3, checkpoint=__import__("pathlib").Path(sys.argv[1]), fingerprint="f")
+cfg = fit_params(**{{**FAST, "epochs": 6, "lr": 0.01}})
+r = fit(model(dropout=0.5), train, val, cfg, seed=3, checkpoint=Checkpointing(__import__("pathlib").Path(sys.argv[1]), "f"))
 print(json.dumps({{"history": [{{k: v for k, v in h.items() if k != "epoch_seconds"}} for h in r.history],
                   "resumed": r.resumed_from_epoch}}))
 """
@@ -557,19 +526,19 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path):
 
 def test_checkpoint_round_trips_scaler_and_rng_state(tmp_path: Path):
     """What a GPU run needs to resume exactly: the GradScaler's scale and the RNG states."""
-    from cnnlab.training.engine import _Progress, _restore, _save_checkpoint
+    from cnnlab.training.checkpoint import Progress, restore, save_checkpoint
 
     m = model()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
     torch.manual_seed(123)
-    _save_checkpoint(tmp_path / "c.pt", "fp", _Progress(epoch=3, best_state=m.state_dict()), m, opt, None, scaler,
+    save_checkpoint(tmp_path / "c.pt", "fp", Progress(epoch=3, best_state=m.state_dict()), m, opt, None, scaler,
                      torch.device("cpu"), {"run_id": "r"})
     expected = torch.rand(3)
     state = load_checkpoint(tmp_path / "c.pt", "fp")
     assert state["epoch"] == 3 and state["extra"] == {"run_id": "r"} and state["cuda_rng"] is None
     fresh = torch.amp.GradScaler("cpu", init_scale=2.0)
     torch.manual_seed(0)
-    run = _restore(state, model(seed=1), torch.optim.SGD(m.parameters(), lr=0.1), None, fresh, torch.device("cpu"))
+    run = restore(state, model(seed=1), torch.optim.SGD(m.parameters(), lr=0.1), None, fresh, torch.device("cpu"))
     assert run.epoch == 3 and fresh.get_scale() == 1024.0 and fresh.state_dict()["growth_interval"] == 7
     assert torch.equal(torch.rand(3), expected)  # the global RNG continues where it was saved

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import shutil
 import sys
@@ -17,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from test_transfer import split_dir  # noqa: F401  (fixture)
 
+from cnnlab.config import EvaluateParams, SplitParams
 from cnnlab.data.split import run_split
 from cnnlab.data.tensors import load_split, split_classes
 from cnnlab.training.engine import predict_logits
@@ -160,11 +161,12 @@ def workspace(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(sys, "path", [str(REPO / "pipeline"), *sys.path])  # for the script's `_common`
     mlflow.set_tracking_uri(uri)
     split = tmp_path / "split"
-    run_split(tiny_idx, split, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=2,
-              max_val_per_class=2, max_test_per_class=4, max_image_pixels=10_000, max_side=None, color_mode="auto")
+    run_split(tiny_idx, split, SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=2,
+                                           max_val_per_class=2, max_test_per_class=4, max_image_pixels=10_000,
+                                           max_side=None, color_mode="auto"), seed=0)
     for i, (name, size, hidden) in enumerate(zip(VARIANTS, (28, 28, 32), (4, 6, 4))):
         torch.manual_seed(i)
-        spec = ModelSpec(kind="zoo", arch="tinyvgg", classes=split_classes(split), mode="L", image_size=size,
+        spec = ModelSpec(kind="scratch", arch="tinyvgg", classes=split_classes(split), mode="L", image_size=size,
                          mean=[0.3], std=[0.25], kwargs={"hidden_units": hidden})
         folder = tmp_path / "models" / name
         save_classifier(build_classifier(spec), spec, folder)
@@ -183,7 +185,10 @@ def workspace(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     return tmp_path
 
 
-def _run_stage(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _run_stage(ws: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # In-process, the script's logging set-up (`cnnlab.logs.configure`) is undone after the test by
+    # conftest's `cnnlab_logging` fixture; caplog sees the records meanwhile.
+    caplog.set_level(logging.INFO, logger="cnnlab")
     spec = importlib.util.spec_from_file_location("evaluate_stage", REPO / "pipeline" / "evaluate.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "evaluate_stage", module)  # its dataclasses look themselves up there
@@ -195,12 +200,13 @@ def _run_stage(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     module.main()
 
 
-def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeypatch, capsys):
+def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeypatch, capsys, caplog):
     ws = workspace
-    _run_stage(ws, monkeypatch)
+    _run_stage(ws, monkeypatch, caplog)
     captured = capsys.readouterr()
     assert "| variant" in captured.out  # the Markdown table is printed
-    assert f"run {'0' * 32} is not in the MLflow store" in captured.err  # warned, not failed
+    assert any(r.levelno == logging.WARNING and f"run {'0' * 32} is not in the MLflow store" in r.getMessage()
+               for r in caplog.records)  # warned, not failed
 
     # The table's accuracies are what the saved models predict.
     comparison = pd.read_csv(ws / "evaluation" / "comparison.csv")
@@ -258,17 +264,17 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
     # A re-run reproduces the DVC metrics and tables byte for byte.
     before = {p: (ws / p).read_bytes() for p in ("metrics/evaluate.json", "evaluation/comparison.csv",
                                                  "evaluation/mcnemar.csv", "plots/confusion/wide.csv")}
-    _run_stage(ws, monkeypatch)
+    _run_stage(ws, monkeypatch, caplog)
     assert {p: (ws / p).read_bytes() for p in before} == before
 
 
-def test_ensemble_false_leaves_the_ensemble_out_everywhere(workspace: Path, monkeypatch):
+def test_ensemble_false_leaves_the_ensemble_out_everywhere(workspace: Path, monkeypatch, caplog):
     """evaluate.ensemble: false. No ensemble row, metrics, plots or McNemar pair; the variants'
     own results are those of a run with the ensemble."""
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["evaluate"]["ensemble"] = False
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run_stage(workspace, monkeypatch)
+    _run_stage(workspace, monkeypatch, caplog)
 
     comparison = pd.read_csv(workspace / "evaluation" / "comparison.csv")
     assert list(comparison["variant"]) == list(VARIANTS)
@@ -292,33 +298,33 @@ def test_ensemble_false_leaves_the_ensemble_out_everywhere(workspace: Path, monk
     # the variants' rows are unchanged by leaving the ensemble out
     params["evaluate"]["ensemble"] = True
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run_stage(workspace, monkeypatch)
+    _run_stage(workspace, monkeypatch, caplog)
     with_ensemble = json.loads((workspace / "metrics" / "evaluate.json").read_text())
     assert "ensemble" in with_ensemble
     assert {v: with_ensemble[v] for v in VARIANTS} == {v: metrics[v] for v in VARIANTS}
 
 
-def test_a_missing_model_names_the_folder_and_the_stage_to_run(workspace: Path, monkeypatch):
+def test_a_missing_model_names_the_folder_and_the_stage_to_run(workspace: Path, monkeypatch, caplog):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["variants"]["scratch"] = {"scratch": {}, "lenet": {}}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.raises(FileNotFoundError, match=r"models/lenet: no model; run `dvc repro scratch@lenet`"):
-        _run_stage(workspace, monkeypatch)
+        _run_stage(workspace, monkeypatch, caplog)
     params["variants"]["scratch"] = {"scratch": {}, "ensemble": {}}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.raises(ValueError, match="variants.scratch.ensemble: 'ensemble' is reserved"):
-        _run_stage(workspace, monkeypatch)
+        _run_stage(workspace, monkeypatch, caplog)
     assert not (workspace / "evaluation").exists()
 
 
-def test_frozen_backbone_is_scored_from_its_own_cached_test_features(split_dir: Path, tmp_path: Path, capsys):  # noqa: F811,E501
+def test_frozen_backbone_is_scored_from_its_own_cached_test_features(split_dir: Path, tmp_path: Path, caplog):
     """The feature_extract model's test logits come from the cache feature_extract wrote (no second
     backbone pass) and equal a full forward; a model whose backbone differs is run in full."""
-    from cnnlab.stages.evaluate import evaluate_variants
+    from cnnlab.stages.evaluate import EvaluatePaths, evaluate_variants
     from cnnlab.models.classifier import save_classifier
-    from test_transfer import _run
+    from helpers.variant_runs import extract_features
 
-    _run(split_dir, tmp_path / "fx")
+    extract_features(split_dir, tmp_path / "fx")
     models, features = tmp_path / "models", tmp_path / "features"
     model, spec = load_classifier(tmp_path / "fx" / "model")
     save_classifier(model, spec, models / "feature_extract")
@@ -331,18 +337,21 @@ def test_frozen_backbone_is_scored_from_its_own_cached_test_features(split_dir: 
     for name in ("feature_extract", "tuned"):
         shutil.copytree(tmp_path / "fx" / "features", features / name)
 
-    def run(features: Path | None) -> pd.DataFrame:
-        capsys.readouterr()
-        evaluate_variants(variants=["feature_extract", "tuned"], stages={"feature_extract": "fx", "tuned": "ft"}, split_dir=split_dir, models_dir=models,
-                          out_dir=tmp_path / "ev", plots_dir=tmp_path / "pl",
-                          metrics_file=tmp_path / "ev.json", batch_size=16, bootstrap_samples=100, confidence=0.95,
-                          ensemble=False, misclassified=2, seed=0, experiment="t", logged_params={},
-                          features_dir=features)
+    cfg = EvaluateParams(batch_size=16, bootstrap_samples=100, confidence=0.95, ensemble=False, misclassified=2)
+    caplog.set_level(logging.INFO, logger="cnnlab")
+
+    def run(features: Path) -> pd.DataFrame:
+        caplog.clear()
+        paths = EvaluatePaths(split_dir=split_dir, models_dir=models, features_dir=features, out_dir=tmp_path / "ev",
+                              plots_dir=tmp_path / "pl", metrics_file=tmp_path / "ev.json")
+        evaluate_variants({"feature_extract": "fx", "tuned": "ft"}, cfg, paths, seed=0, experiment="t")
         return pd.read_csv(tmp_path / "ev" / "comparison.csv").set_index("variant")
 
+    def logged() -> str:
+        return "\n".join(r.getMessage() for r in caplog.records)
+
     cached = run(features)
-    err = capsys.readouterr().err
-    assert "feature_extract: test features from" in err and "tuned: test features" not in err
-    full = run(None)
-    assert "test features from" not in capsys.readouterr().err
+    assert "feature_extract: test features from" in logged() and "tuned: test features" not in logged()
+    full = run(tmp_path / "no-features")  # no cache for any variant: every model runs in full
+    assert "test features from" not in logged()
     pd.testing.assert_frame_equal(cached, full, atol=1e-5, rtol=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workspace import commit, git_workspace, run
+from helpers.workspace import commit, git_workspace, run
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_a_queued_sweep_on_two_workers_lands_in_the_repositorys_store(tmp_path: 
     commit(ws, "baseline")
     baseline = json.loads((ws / "data/registry.json").read_text())
     for name, lr in SWEEP.items():
-        run(ws, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}")
+        run(ws, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"scratch.lr={lr}")
     try:
         run(ws, "dvc", "queue", "start", "-j", "2")
         status = _wait_for_queue(ws)
@@ -57,7 +57,7 @@ def test_a_queued_sweep_on_two_workers_lands_in_the_repositorys_store(tmp_path: 
     assert set(by_name) == set(SWEEP)
     for name, lr in SWEEP.items():
         exp_data = next(iter(experiments[name]["revs"]))["data"]
-        assert exp_data["params"]["params.yaml"]["data"]["train"]["lr"] == lr
+        assert exp_data["params"]["params.yaml"]["data"]["scratch"]["lr"] == lr
         runs_of = {r.data.tags.get("stage"): r for r in by_name[name]}
         assert {"scratch@scratch", "evaluate"} <= set(runs_of), (name, list(runs_of))
         train = runs_of["scratch@scratch"]

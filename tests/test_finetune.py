@@ -13,15 +13,17 @@ import pandas as pd
 import pytest
 import torch
 
-from cnnlab.config import FineTuneParams
-from cnnlab.training.engine import load_checkpoint
-from cnnlab.stages.fine_tune import FineTuneConfig, active_blocks, fine_tune, param_groups
+from cnnlab.config import FineTuneVariant
 from cnnlab.models.classifier import load_classifier
+from cnnlab.stages.fine_tune import active_blocks, fine_tune, param_groups
+from cnnlab.stages.variant import VariantRun
+from cnnlab.training.checkpoint import load_checkpoint
 from cnnlab.training.outputs import TrainOutputs
-from test_transfer import _run, split_dir  # noqa: F401  (fixture)
+from helpers.variant_runs import extract_features
 
-CFG = FineTuneParams(epochs=2, batch_size=16, early_stopping_patience=None, lr=0.001).train_params()
-FT = FineTuneConfig(unfreeze_blocks=2, block_lr_decay=0.3, unfreeze_every=0, train_bn=True)
+# The loop's settings and the fine-tune settings are one section now.
+FT = FineTuneVariant(from_="feature_extract", epochs=2, batch_size=16, early_stopping_patience=None, lr=0.001,
+                     unfreeze_blocks=2, block_lr_decay=0.3, unfreeze_every=0, train_bn=True)
 
 
 def _outs(root: Path) -> TrainOutputs:
@@ -29,26 +31,37 @@ def _outs(root: Path) -> TrainOutputs:
                         curves=root / "curves.png", checkpoint=root / "ckpt.pt")
 
 
+def _variant(root: Path, logged_params: dict) -> VariantRun:
+    return VariantRun(name="fine_tune", kind="fine_tune", stage="fine_tune@fine_tune", seed=0, experiment="t",
+                      logged_params=logged_params, out=_outs(root))
+
+
+def _fine_tune(split_dir: Path, start: Path, root: Path, cfg: FineTuneVariant = FT,
+               logged_params: dict | None = None):
+    """The stage on the split's own training images (train_data: original: no augmented folder is read)."""
+    return fine_tune(_variant(root, {"variant": "fine_tune"} if logged_params is None else logged_params), cfg,
+                     split_dir=split_dir, augmented_dir=split_dir.parent / "no-augmented", start_model=start)
+
+
 @pytest.fixture
-def start(split_dir: Path, tmp_path: Path) -> Path:  # noqa: F811
-    _run(split_dir, tmp_path / "fx")
+def start(split_dir: Path, tmp_path: Path) -> Path:
+    extract_features(split_dir, tmp_path / "fx")
     return tmp_path / "fx" / "model"
 
 
-def test_only_the_top_blocks_and_head_change(split_dir: Path, start: Path, tmp_path: Path):  # noqa: F811
+def test_only_the_top_blocks_and_head_change(split_dir: Path, start: Path, tmp_path: Path):
     before, spec = load_classifier(start)
-    result = fine_tune(variant="fine_tune", split_dir=split_dir, augmented_dir=None, start_model=start, ft=FT, cfg=CFG, seed=0,
-                       experiment="t", logged_params={"variant": "fine_tune"}, out=_outs(tmp_path / "ft"))
+    result = _fine_tune(split_dir, start, tmp_path / "ft")
     after, _ = load_classifier(tmp_path / "ft" / "model")
-    assert result["unfrozen"] == ["bn2", "conv_head"]  # nearest the head first
+    assert result.summary["unfrozen"] == ["bn2", "conv_head"]  # nearest the head first
     b, a = before.state_dict(), after.state_dict()
-    top = result["unfrozen"]
+    top = result.summary["unfrozen"]
     changed = {k for k in b if not torch.equal(b[k], a[k])}
     assert any(k.startswith("net.head.") for k in changed)
     assert any(k.startswith(f"net.features.{top[-1]}.") for k in changed)
     frozen = [k for k in b if k.startswith("net.features.") and not any(k.startswith(f"net.features.{t}") for t in top)]
     assert frozen and not (changed & set(frozen))  # lower blocks, BN statistics included, untouched
-    assert mlflow.MlflowClient().get_run(result["run_id"]).info.status == "FINISHED"
+    assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FINISHED"
 
 
 def test_learning_rates_fall_from_head_to_lower_blocks(start: Path):
@@ -65,14 +78,13 @@ def test_gradual_unfreezing_schedule():
     assert [active_blocks(top, e, 2) for e in (1, 2, 3, 5, 9)] == [["a"], ["a"], ["a", "b"], top, top]
 
 
-def test_refuses_to_start_from_a_non_backbone_model(split_dir: Path, tmp_path: Path):  # noqa: F811
+def test_refuses_to_start_from_a_non_backbone_model(split_dir: Path, tmp_path: Path):
     from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
 
-    spec = ModelSpec(kind="zoo", arch="tinyvgg", classes=["a", "b"], mode="L", image_size=28, mean=[0.5], std=[0.5])
+    spec = ModelSpec(kind="scratch", arch="tinyvgg", classes=["a", "b"], mode="L", image_size=28, mean=[0.5], std=[0.5])
     save_classifier(build_classifier(spec), spec, tmp_path / "zoo")
-    with pytest.raises(ValueError, match="starts from a backbone model"):
-        fine_tune(variant="fine_tune", split_dir=split_dir, augmented_dir=None, start_model=tmp_path / "zoo", ft=FT, cfg=CFG, seed=0,
-                  experiment="t", logged_params={}, out=_outs(tmp_path / "x"))
+    with pytest.raises(ValueError, match="starts from a pretrained model"):
+        _fine_tune(split_dir, tmp_path / "zoo", tmp_path / "x", logged_params={})
 
 
 RESUME = """
@@ -80,9 +92,12 @@ import sys, json, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 import cnnlab.training.engine as engine
-from cnnlab.config import FineTuneParams
-from cnnlab.stages.fine_tune import FineTuneConfig, fine_tune
+from cnnlab.config import FineTuneVariant
+from cnnlab.logs import configure
+from cnnlab.stages.fine_tune import fine_tune
+from cnnlab.stages.variant import VariantRun
 from cnnlab.training.outputs import TrainOutputs
+configure()  # as the stage scripts do: the package's log lines on stderr
 slow = float(sys.argv[2])
 real = engine.validate
 def evaluate(*a, **k):
@@ -91,15 +106,17 @@ engine.validate = evaluate
 root = Path(sys.argv[1])
 out = TrainOutputs(model_dir=root / "model", metrics=root / "metrics.json", history=root / "history.csv",
                    curves=root / "curves.png", checkpoint=root / "ckpt.pt")
-cfg = FineTuneParams(epochs=4, batch_size=16, early_stopping_patience=None, lr=0.001).train_params()
-r = fine_tune(variant="fine_tune", split_dir=Path({split!r}), augmented_dir=None, start_model=Path({start!r}),
-              ft=FineTuneConfig(2, 0.3, 1, True), cfg=cfg, seed=0, experiment="t",
-              logged_params={{"variant": "fine_tune"}}, out=out)
-print(json.dumps({{"run_id": r["run_id"]}}))
+cfg = FineTuneVariant(from_="feature_extract", epochs=4, batch_size=16, early_stopping_patience=None, lr=0.001,
+                      unfreeze_blocks=2, block_lr_decay=0.3, unfreeze_every=1, train_bn=True)
+v = VariantRun(name="fine_tune", kind="fine_tune", stage="fine_tune@fine_tune", seed=0, experiment="t",
+               logged_params={{"variant": "fine_tune"}}, out=out)
+r = fine_tune(v, cfg, split_dir=Path({split!r}), augmented_dir=Path({split!r}).parent / "no-augmented",
+              start_model=Path({start!r}))
+print(json.dumps({{"run_id": r.run_id}}))
 """
 
 
-def test_killed_fine_tune_resumes_to_the_same_metrics_in_the_same_run(split_dir: Path, start: Path, tmp_path: Path):  # noqa: F811,E501
+def test_killed_fine_tune_resumes_to_the_same_metrics_in_the_same_run(split_dir: Path, start: Path, tmp_path: Path):
     script = tmp_path / "ft.py"
     script.write_text(RESUME.format(tests=str(Path(__file__).parent), split=str(split_dir), start=str(start)))
     env = {**__import__("os").environ}
@@ -131,15 +148,14 @@ def _fp(root: Path) -> str | None:
         return None
 
 
-def test_cached_frozen_blocks_train_the_same_model_as_running_them(split_dir: Path, start: Path, tmp_path: Path):  # noqa: F811,E501
+def test_cached_frozen_blocks_train_the_same_model_as_running_them(split_dir: Path, start: Path, tmp_path: Path):
     """Computing the frozen blocks once per image is an optimisation only: same weights, same
     history, whether they run every epoch or not (up to float rounding of the layout)."""
-    ft = FineTuneConfig(unfreeze_blocks=4, block_lr_decay=0.5, unfreeze_every=0, train_bn=False)
+    ft = FT.model_copy(update={"unfreeze_blocks": 4, "block_lr_decay": 0.5, "unfreeze_every": 0, "train_bn": False})
     runs = {}
     for cache in (True, False):
-        runs[cache] = fine_tune(variant="fine_tune", split_dir=split_dir, augmented_dir=None, start_model=start,
-                                ft=FineTuneConfig(**{**ft.__dict__, "cache_frozen": cache}), cfg=CFG, seed=0,
-                                experiment="t", logged_params={"cache": cache}, out=_outs(tmp_path / str(cache)))
+        runs[cache] = _fine_tune(split_dir, start, tmp_path / str(cache), ft.model_copy(update={"cache_frozen": cache}),
+                                 logged_params={"cache": cache})
     cached, _ = load_classifier(tmp_path / "True" / "model")
     plain, _ = load_classifier(tmp_path / "False" / "model")
     a, b = cached.state_dict(), plain.state_dict()

@@ -14,14 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.training import engine
+from cnnlab.config import SplitParams
 from cnnlab.data.preprocess import prepare
 from cnnlab.data.split import read_manifest, run_split
-from cnnlab.training.engine import predict_logits
 from cnnlab.models.classifier import load_classifier
+from cnnlab.training import engine
+from cnnlab.training.engine import predict_logits
 from conftest import make_image_folder
 from helpers.served import publish_variant
-from test_training import _train, store  # noqa: F401  (fixture)
+from helpers.variant_runs import train_scratch
 
 CLASSES = {"red": 10, "green": 10, "blue": 10}
 
@@ -33,9 +34,9 @@ def grey_split(tmp_path: Path) -> Path:
     make_image_folder(raw / "images", CLASSES, size=(24, 20), mode="RGB")
     (raw / "source.json").write_text(json.dumps({"source": "local", "format": "image_folder"}))
     split = tmp_path / "split"
-    run_split(raw, split, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=None,
-              max_val_per_class=None, max_test_per_class=None, max_image_pixels=10**6, max_side=None,
-              color_mode="grey")
+    run_split(raw, split, SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=None,
+                                      max_val_per_class=None, max_test_per_class=None, max_image_pixels=10**6,
+                                      max_side=None, color_mode="grey"), seed=0)
     return split
 
 
@@ -46,7 +47,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 def test_grey_split_trains_a_one_channel_model_that_serves_colour_uploads(
-    store: str, grey_split: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811  (the imported fixture)
+    store: str, grey_split: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: dict[str, tuple[int, ...]] = {}
 
@@ -54,8 +55,8 @@ def test_grey_split_trains_a_one_channel_model_that_serves_colour_uploads(
         seen["train"], seen["val"] = tuple(train.images.shape), tuple(val.images.shape)
         return engine.fit(model, train, val, cfg, **kw)
 
-    monkeypatch.setattr("cnnlab.stages.scratch.fit", fit)
-    result, out = _train(grey_split, None, tmp_path / "grey", variant="grey", dropout=0.0)
+    monkeypatch.setattr("cnnlab.stages.variant.fit", fit)
+    result, out = train_scratch(grey_split, None, tmp_path / "grey", variant="grey", dropout=0.0)
 
     n_train = len(read_manifest(grey_split, "train"))
     assert seen["train"] == (n_train, 1, 28, 28) and seen["val"][1:] == (1, 28, 28)
@@ -63,7 +64,7 @@ def test_grey_split_trains_a_one_channel_model_that_serves_colour_uploads(
     assert spec.mode == "L" and len(spec.mean) == len(spec.std) == 1
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.in_channels == 1
-    assert mlflow.MlflowClient().get_run(result["run_id"]).info.status == "FINISHED"
+    assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FINISHED"
 
     # The served model gets the original colour photos: it must make them the grey the split
     # made, so its answers equal the saved model's on the split's own grey PNGs.
@@ -71,7 +72,7 @@ def test_grey_split_trains_a_one_channel_model_that_serves_colour_uploads(
     colour = [(grey_split.parent / "raw" / r["source"]).read_bytes() for r in rows]
     with Image.open(io.BytesIO(colour[0])) as im:
         assert im.mode == "RGB"
-    served = mlflow.pyfunc.load_model(publish_variant(result["run_id"], out.model_dir, grey_split)).predict(pd.DataFrame({"image": colour}))
+    served = mlflow.pyfunc.load_model(publish_variant(result.run_id, out.model_dir, grey_split)).predict(pd.DataFrame({"image": colour}))
     grey = []
     for r in rows:
         with Image.open(r["path"]) as im:

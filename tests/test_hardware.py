@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
+from cnnlab.config import RuntimeParams
 from cnnlab.training import hardware
-from cnnlab.training.hardware import CpuFeatures, resolve_device, resolve_precision, resolve_runtime
+from cnnlab.training.hardware import CpuFeatures, resolve_device, resolve_precision, resolve_runtime, runtime_of
 
 AVX2 = CpuFeatures(avx2=True, avx512=False, avx512_bf16=False, amx=False, capability="AVX2")
 AVX512_BF16 = CpuFeatures(avx2=True, avx512=True, avx512_bf16=True, amx=False, capability="AVX512")
@@ -43,13 +46,16 @@ def test_cpu_with_native_bf16_resolves_to_bf16(cpu_kind, features):
     assert resolve_precision("auto", CPU)[0] == "bf16"
 
 
-def test_explicit_bf16_on_an_emulating_cpu_is_kept_with_a_warning(cpu_kind, capsys):
+def test_explicit_bf16_on_an_emulating_cpu_is_kept_with_a_warning(cpu_kind, caplog):
+    caplog.set_level(logging.INFO, logger="cnnlab")
     cpu_kind(AVX2)
     assert resolve_precision("bf16", CPU)[0] == "bf16"
-    assert "emulates it" in capsys.readouterr().err
+    warned = [r for r in caplog.records if r.name.startswith("cnnlab") and "emulates it" in r.getMessage()]
+    assert warned and all(r.levelno == logging.WARNING for r in warned)
+    caplog.clear()
     cpu_kind(AVX512_BF16)
     assert resolve_precision("bf16", CPU)[0] == "bf16"
-    assert capsys.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 def test_explicit_fp32_is_kept_everywhere(cpu_kind, gpu):
@@ -130,3 +136,13 @@ def test_cpu_features_match_what_torch_reports():
     assert f.avx512_bf16 == torch.cpu._is_avx512_bf16_supported()
     assert f.amx == torch.cpu._is_amx_tile_supported()
     assert f.native_bf16 == (f.avx512_bf16 or f.amx)
+
+
+def test_runtime_of_resolves_a_params_section_and_its_device_override(gpu, monkeypatch):
+    gpu(bf16=True)
+    monkeypatch.setattr(hardware, "set_tf32", lambda enabled: None)
+    section = RuntimeParams(precision="fp32", channels_last=False, device="cuda", tf32=True)
+    rt = runtime_of(section)
+    assert (rt.device.type, rt.precision, rt.channels_last, rt.tf32) == ("cuda", "fp32", False, True)
+    rt = runtime_of(section, device="cpu")
+    assert (rt.device.type, rt.precision, rt.channels_last, rt.tf32) == ("cpu", "fp32", False, False)

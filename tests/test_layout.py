@@ -1,4 +1,5 @@
-"""The package's shape: one module per DVC stage, named as the stage, and imports that go one way.
+"""The package's shape: subpackages by concern, one module per DVC stage (named as the stage) plus
+the shared variant skeleton, and imports that go one way.
 
 Checked statically (`ast`, nothing imported), with the same import reading as test_dvc_deps:
 every import counts, the ones inside functions included, since a lazy import is still a
@@ -12,7 +13,7 @@ import ast
 import yaml
 
 from conftest import REPO
-from test_dvc_deps import SRC, _cnnlab_modules, _imports, _module_file, _script, _stages
+from helpers.imports import SRC, cnnlab_modules, dvc_stages, imports, module_file, stage_script
 
 
 def _module_name(path) -> str:
@@ -27,7 +28,7 @@ def import_graph() -> dict[str, set[str]]:
     for path in sorted(SRC.joinpath("cnnlab").rglob("*.py")):
         name = _module_name(path)
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        graph[name] = {m for node in _imports(tree.body) for m in _cnnlab_modules(node, name)} - {name}
+        graph[name] = {m for node in imports(tree.body) for m in cnnlab_modules(node, name)} - {name}
     return graph
 
 
@@ -62,6 +63,30 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+SUBPACKAGES = {"data", "models", "training", "evaluation", "tracking", "serving", "cli", "stages"}
+# Small shared modules at the top: config, crash-safe files and their watcher, logging, progress
+# bars, the MLflow param naming scheme.
+TOP_LEVEL = {"__init__", "__main__", "config", "files", "logs", "progress", "run_guard", "variants"}
+SKELETON = "cnnlab.stages.variant"  # the sequence every trainable variant's stage follows
+
+
+def test_the_package_is_made_of_its_subpackages():
+    package = SRC / "cnnlab"
+    folders = {p.name for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    modules = {p.stem for p in package.glob("*.py")}
+    assert folders == SUBPACKAGES, folders ^ SUBPACKAGES
+    assert modules == TOP_LEVEL, modules ^ TOP_LEVEL
+
+
+def test_the_library_never_imports_the_team_stack_or_the_benchmarks():
+    for path in sorted(SRC.joinpath("cnnlab").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in imports(tree.body):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            assert not [n for n in names if n.split(".")[0] in ("cnnlab_stack", "project_copy", "bench")], (
+                path, ast.unparse(node))
+
+
 def test_no_import_cycle_in_the_package():
     graph = import_graph()
     assert "cnnlab.stages.scratch" in graph and "cnnlab.models.classifier" in graph["cnnlab.stages.scratch"]
@@ -82,16 +107,18 @@ def test_model_registries_are_one_way():
 
 def test_each_stage_has_its_module_and_its_script_calls_it():
     """dvc.yaml stage `x` (or foreach group `x@...`) -> src/cnnlab/stages/x.py, imported by the
-    stage's script; stage modules never import one another."""
+    stage's script; stage modules never import one another, only the shared skeleton."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     graph = import_graph()
-    for names, stage, _ in _stages():
+    for names, stage, _ in dvc_stages():
         group = names.split("@")[0]
-        assert _module_file(f"cnnlab.stages.{group}"), f"stage {group}: no src/cnnlab/stages/{group}.py"
-        tree = ast.parse((REPO / _script(stage)).read_text(encoding="utf-8"))
-        imported = {m for node in _imports(tree.body) for m in _cnnlab_modules(node, None)}
-        assert f"cnnlab.stages.{group}" in imported, f"{_script(stage)} does not call cnnlab.stages.{group}"
+        assert module_file(f"cnnlab.stages.{group}"), f"stage {group}: no src/cnnlab/stages/{group}.py"
+        tree = ast.parse((REPO / stage_script(stage)).read_text(encoding="utf-8"))
+        imported = {m for node in imports(tree.body) for m in cnnlab_modules(node, None)}
+        assert f"cnnlab.stages.{group}" in imported, f"{stage_script(stage)} does not call cnnlab.stages.{group}"
     stages = {f"cnnlab.stages.{name}" for name in dvc["stages"]}
     for module in stages:
         assert not (graph[module] & stages), (module, graph[module] & stages)
-    assert {_module_name(p) for p in SRC.joinpath("cnnlab", "stages").glob("*.py")} == stages | {"cnnlab.stages"}
+    assert SKELETON not in stages and not graph[SKELETON] & stages
+    assert {_module_name(p) for p in SRC.joinpath("cnnlab", "stages").glob("*.py")} == stages | {"cnnlab.stages",
+                                                                                                  SKELETON}

@@ -1,6 +1,6 @@
 """The MLproject entry points, run as `mlflow run` runs them, in a throwaway copy of the project.
 
-`train -P variant=...` must hand over to `dvc repro scratch@<variant>` (which runs the stages it
+`scratch -P variant=...` must hand over to `dvc repro scratch@<variant>` (which runs the stages it
 needs first, with the workspace's params.yaml), and `predict` must classify with the model that
 run logged. The source is a folder of colour photos split with ``color_mode: grey``, so the same
 run also shows grey data going through the real pipeline into a one-channel model.
@@ -29,7 +29,7 @@ BIN = Path(sys.executable).parent
 CLASSES = {"red": 8, "green": 8, "blue": 8}
 SMALL = {"download": {"source": "local", "local_dir": "data/local"},
          "split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4, "color_mode": "grey"},
-         "train": {"epochs": 2, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}}}
+         "scratch": {"epochs": 2, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}}}
 
 
 def _workspace(root: Path) -> Path:
@@ -59,7 +59,7 @@ def _project_run(client: mlflow.MlflowClient, entry_point: str) -> mlflow.entiti
     return runs[0]
 
 
-def test_train_and_predict_entry_points_on_a_grey_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scratch_and_predict_entry_points_on_a_grey_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = _workspace(tmp_path)
     uri = use_mlflow_store(monkeypatch, ws)  # the stages' default store is this one too
     client = mlflow.MlflowClient(uri)

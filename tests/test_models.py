@@ -1,4 +1,4 @@
-"""The from-scratch model zoo: shapes, gradients, parameter counts, dropout, errors, init, "zoo" kind."""
+"""The from-scratch model zoo: shapes, gradients, parameter counts, dropout, errors, init, the "scratch" kind."""
 
 import math
 import re
@@ -210,7 +210,7 @@ def test_kaiming_init_is_deterministic_under_seed():
 
 def test_zoo_kind_builds_a_classifier_from_a_spec():
     spec = ModelSpec(
-        kind="zoo", arch="tinyvgg", classes=["a", "b", "c"], mode="RGB", image_size=32,
+        kind="scratch", arch="tinyvgg", classes=["a", "b", "c"], mode="RGB", image_size=32,
         mean=[0.5] * 3, std=[0.5] * 3, kwargs={"dropout": 0.0, "hidden_units": 4},
     )  # fmt: skip
     model = build_classifier(spec)

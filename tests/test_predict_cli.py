@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from conftest import use_mlflow_store
-from tiny_model import encode, register_tiny
+from helpers.tiny_model import encode, register_tiny
 
 from cnnlab.cli.predict import DEFAULT_MODEL_URI, Outcome, default_model_uri, find_images, format_table
 

@@ -36,7 +36,7 @@ def _png(seed: int) -> bytes:
 
 def log_variant(root: Path, variant: str, val_accuracy: float) -> Candidate:
     """A real logged pyfunc in a real run, plus the stage outputs the registry reads."""
-    spec = ModelSpec(kind="zoo", arch="tinyvgg", classes=CLASSES, mode="L", image_size=28, mean=[0.5],
+    spec = ModelSpec(kind="scratch", arch="tinyvgg", classes=CLASSES, mode="L", image_size=28, mean=[0.5],
                      std=[0.25], kwargs={"hidden_units": 2})
     model_dir = root / "models" / variant
     save_classifier(build_classifier(spec), spec, model_dir)

@@ -29,10 +29,10 @@ import pytest
 import yaml
 from PIL import Image
 
-import fashion_model
+from helpers import fashion_model
 from conftest import use_mlflow_store
-from fashion_model import fashion_subset, png, reference_probabilities, register_fashion
-from tiny_model import encode
+from helpers.fashion_model import fashion_subset, png, reference_probabilities, register_fashion
+from helpers.tiny_model import encode
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 import serving_load as sl  # bench/, on sys.path by conftest
 from conftest import use_mlflow_store
 from serving_latency import free_port, start_server, stop_server
-from tiny_model import encode, register_tiny
+from helpers.tiny_model import encode, register_tiny
 
 pytestmark = pytest.mark.slow
 

@@ -261,7 +261,7 @@ def test_logged_model_ships_code_weights_and_pins(logged: dict[str, Logged]) -> 
     local = Path(mlflow.artifacts.download_artifacts(logged["RGB"].model_uri))
     shipped = [
         "code/cnnlab/__init__.py",
-        "code/cnnlab/serving.py",
+        "code/cnnlab/serving/pyfunc.py",
         "code/cnnlab/models/classifier.py",
         "code/cnnlab/data/images.py",
         "artifacts/model_RGB/weights.pt",
@@ -278,7 +278,7 @@ def test_logged_model_ships_code_weights_and_pins(logged: dict[str, Logged]) -> 
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements
     assert f"mlflow=={mlflow.__version__}" in requirements
     signature = mlflow.models.get_model_info(logged["RGB"].model_uri).signature
-    # Optional on paper only (see cnnlab.serving.INPUT_SCHEMA); predict requires it.
+    # Optional on paper only (see cnnlab.serving.pyfunc.INPUT_SCHEMA); predict requires it.
     assert signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": False}]
     outputs = {c["name"]: c["type"] for c in signature.outputs.to_dict()}
     assert outputs == {

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import cnnlab.data.split
+from cnnlab.config import SplitParams
 from cnnlab.data.folders import LayoutError, scan_image_folder
 from cnnlab.data.idx import IdxFormatError
 from cnnlab.data.images import IMAGE_EXTENSIONS
@@ -103,9 +104,9 @@ def test_run_split_quarantines_bad_files_and_keeps_going(tmp_path: Path):
     (cat / "cut.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     Image.new("RGB", (300, 300)).save(cat / "huge.png")
     out = tmp_path / "split"
-    summary = run_split(raw, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=None,
-                        max_val_per_class=None, max_test_per_class=None, max_image_pixels=10_000,
-                        max_side=None, color_mode="auto")
+    cfg = SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=None, max_val_per_class=None,
+                      max_test_per_class=None, max_image_pixels=10_000, max_side=None, color_mode="auto")
+    summary = run_split(raw, out, cfg, seed=0)
     q = _quarantine(out)
     assert set(q) == {f"images/cat/{n}" for n in ("empty.jpg", "text.jpg", "cut.png", "huge.png")}
     assert q["images/cat/empty.jpg"] == "empty file"
@@ -140,9 +141,9 @@ def test_manifest_sources_and_quarantine_are_posix_paths_on_windows_too(
 
     monkeypatch.setattr(cnnlab.data.split, "scan_image_folder", scan_as_on_windows)
     out = tmp_path / "split"
-    run_split(raw, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=None,
-              max_val_per_class=None, max_test_per_class=None, max_image_pixels=10_000, max_side=None,
-              color_mode="auto")
+    cfg = SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=None, max_val_per_class=None,
+                      max_test_per_class=None, max_image_pixels=10_000, max_side=None, color_mode="auto")
+    run_split(raw, out, cfg, seed=0)
     assert list(_quarantine(out)) == ["images/cat/empty.jpg"]
     sources = sorted(r["source"] for s in ("train", "val", "test") for r in read_manifest(out, s))
     assert sources == sorted(f"images/{c}/{i:03d}.png" for c in ("cat", "dog") for i in range(12))
@@ -150,9 +151,9 @@ def test_manifest_sources_and_quarantine_are_posix_paths_on_windows_too(
 
 def test_run_split_from_idx_keeps_labels_with_images(tiny_idx: Path, tmp_path: Path):
     out = tmp_path / "split"
-    summary = run_split(tiny_idx, out, seed=3, val_fraction=0.25, test_fraction=0.15, max_train_per_class=5,
-                        max_val_per_class=2, max_test_per_class=4, max_image_pixels=10_000, max_side=None,
-                        color_mode="rgb")
+    cfg = SplitParams(val_fraction=0.25, test_fraction=0.15, max_train_per_class=5, max_val_per_class=2,
+                      max_test_per_class=4, max_image_pixels=10_000, max_side=None, color_mode="rgb")
+    summary = run_split(tiny_idx, out, cfg, seed=3)
     assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (50, 20, 40)
     for split in ("train", "val", "test"):
         for r in read_manifest(out, split):
@@ -164,16 +165,16 @@ def test_run_split_from_idx_keeps_labels_with_images(tiny_idx: Path, tmp_path: P
 
 
 def test_run_split_is_deterministic_and_a_failure_keeps_the_old_output(tiny_idx: Path, tmp_path: Path):
-    kw = dict(seed=3, val_fraction=0.25, test_fraction=0.15, max_train_per_class=5, max_val_per_class=2,
-              max_test_per_class=4, max_image_pixels=10_000, max_side=None, color_mode="auto")
-    run_split(tiny_idx, tmp_path / "a", **kw)
-    run_split(tiny_idx, tmp_path / "b", **kw)
+    cfg = SplitParams(val_fraction=0.25, test_fraction=0.15, max_train_per_class=5, max_val_per_class=2,
+                      max_test_per_class=4, max_image_pixels=10_000, max_side=None, color_mode="auto")
+    run_split(tiny_idx, tmp_path / "a", cfg, seed=3)
+    run_split(tiny_idx, tmp_path / "b", cfg, seed=3)
     for name in ("train.csv", "val.csv", "test.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     before = (tmp_path / "a" / "train.csv").read_bytes()
     (tiny_idx / "idx" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"broken")
     with pytest.raises(IdxFormatError, match=r"/idx/t10k-labels-idx1-ubyte\.gz: cannot read \(Not a gzipped file"):
-        run_split(tiny_idx, tmp_path / "a", **kw)
+        run_split(tiny_idx, tmp_path / "a", cfg, seed=3)
     assert (tmp_path / "a" / "train.csv").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
@@ -183,9 +184,9 @@ def test_max_side_downscales_big_images(tmp_path: Path):
     make_image_folder(raw / "images", {"x": 6, "y": 6}, size=(200, 100))
     (raw / "source.json").write_text(json.dumps({"source": "local", "format": "image_folder"}))
     out = tmp_path / "split"
-    run_split(raw, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=None,
-              max_val_per_class=None, max_test_per_class=None, max_image_pixels=10**6, max_side=50,
-              color_mode="auto")
+    cfg = SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=None, max_val_per_class=None,
+                      max_test_per_class=None, max_image_pixels=10**6, max_side=50, color_mode="auto")
+    run_split(raw, out, cfg, seed=0)
     with Image.open(read_manifest(out, "train")[0]["path"]) as im:
         assert im.size == (50, 25) and im.mode == "RGB"
 
@@ -197,9 +198,9 @@ def test_color_mode_grey_turns_rgb_sources_into_one_channel_luma(tmp_path: Path)
     make_image_folder(raw / "images", {"x": 6, "y": 6}, size=(10, 8))
     (raw / "source.json").write_text(json.dumps({"source": "local", "format": "image_folder"}))
     out = tmp_path / "split"
-    summary = run_split(raw, out, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=None,
-                        max_val_per_class=None, max_test_per_class=None, max_image_pixels=10**6, max_side=None,
-                        color_mode="grey")
+    cfg = SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=None, max_val_per_class=None,
+                      max_test_per_class=None, max_image_pixels=10**6, max_side=None, color_mode="grey")
+    summary = run_split(raw, out, cfg, seed=0)
     assert summary["color_mode"] == "L"
     assert json.loads((out / "preprocess.json").read_text())["color_mode"] == "L"
     rows = [r for s in ("train", "val", "test") for r in read_manifest(out, s)]

@@ -4,16 +4,18 @@ file and what to run, never a half-loaded model, never a silent re-use of a stal
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from cnnlab.training.engine import _atomic_save, load_checkpoint
-from cnnlab.training.features import FeatureCache
+from cnnlab.files import atomic_write
 from cnnlab.models.classifier import load_classifier
-from tiny_model import train_tiny
+from cnnlab.training.checkpoint import load_checkpoint
+from cnnlab.training.features import FeatureCache
+from helpers.tiny_model import train_tiny
 
 
 @pytest.fixture
@@ -79,24 +81,35 @@ def test_a_damaged_spec_names_spec_json_and_the_fix(model_dir: Path, damage: str
     assert f"dvc checkout {model_dir}" in message, message
 
 
-def test_a_damaged_checkpoint_is_named_and_never_resumed(tmp_path: Path, capsys: pytest.CaptureFixture):
+def _warnings(caplog: pytest.LogCaptureFixture) -> str:
+    """The WARNING+ messages logged under "cnnlab" since the last call, then forgets them."""
+    text = "\n".join(r.getMessage() for r in caplog.records
+                     if r.levelno >= logging.WARNING and r.name.startswith("cnnlab"))
+    caplog.clear()
+    return text
+
+
+def test_a_damaged_checkpoint_is_named_and_never_resumed(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     """A checkpoint only saves time: a damaged one is reported and training starts over (the
     same outputs, since runs are deterministic), rather than stopping the stage."""
+    caplog.set_level(logging.WARNING, logger="cnnlab")
     path = tmp_path / "checkpoints" / "v.pt"
-    _atomic_save({"fingerprint": "abc", "epoch": 3, "model": {"w": torch.ones(2)}}, path)
+    state = {"fingerprint": "abc", "epoch": 3, "model": {"w": torch.ones(2)}}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     assert load_checkpoint(path, "abc")["epoch"] == 3
     assert load_checkpoint(path, "other") is None  # made with other params or data
-    assert f"ignoring checkpoint {path}: it was made with other params or data" in capsys.readouterr().err
+    assert f"ignoring checkpoint {path}: it was made with other params or data" in _warnings(caplog)
     _truncate(path)
     assert load_checkpoint(path, "abc") is None
-    assert f"ignoring checkpoint {path}: cannot be read safely" in capsys.readouterr().err
+    assert f"ignoring checkpoint {path}: cannot be read safely" in _warnings(caplog)
     torch.save({"fingerprint": "abc", "evil": shutil.rmtree}, path)
     assert load_checkpoint(path, "abc") is None  # not unpickled: weights_only
 
 
 @pytest.mark.parametrize("damage", ["truncated", "edited", "meta edited"])
-def test_a_damaged_feature_cache_is_recomputed_not_reused(tmp_path: Path, capsys: pytest.CaptureFixture,
+def test_a_damaged_feature_cache_is_recomputed_not_reused(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                            damage: str):
+    caplog.set_level(logging.WARNING, logger="cnnlab")
     cache = FeatureCache(tmp_path / "features")
     record = {"trunk": "t1", "manifest": "m1", "precision": "fp32"}
     features, labels = torch.arange(12.0).reshape(4, 3), torch.tensor([0, 1, 2, 0])
@@ -114,4 +127,4 @@ def test_a_damaged_feature_cache_is_recomputed_not_reused(tmp_path: Path, capsys
         (tmp_path / "features" / "meta.json").write_text(json.dumps(meta))
     assert cache.load("test", record) is None
     if damage != "meta edited":
-        assert f"{path} does not match the sha256" in capsys.readouterr().err
+        assert f"{path} does not match the sha256" in _warnings(caplog)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from workspace import BIN, commit, git_workspace, run
+from helpers.workspace import BIN, commit, git_workspace, run
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ from cnnlab.tracking.runs import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = {"train": {"lr": 0.01, "epochs": 3, "layers": [32, 64]}, "seed": 7, "note": None}
+PARAMS = {"scratch": {"lr": 0.01, "epochs": 3, "layers": [32, 64]}, "seed": 7, "note": None}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_flatten_nested_lists_and_none() -> None:
 
 
 def test_params_hash_ignores_key_order_but_not_values() -> None:
-    reordered = {"seed": 7, "note": None, "train": {"layers": [32, 64], "epochs": 3, "lr": 0.01}}
+    reordered = {"seed": 7, "note": None, "scratch": {"layers": [32, 64], "epochs": 3, "lr": 0.01}}
     assert params_hash(PARAMS) == params_hash(reordered)
     assert re.fullmatch(r"[0-9a-f]{12}", params_hash(PARAMS))
     assert params_hash(PARAMS) != params_hash({**PARAMS, "seed": 8})

@@ -1,9 +1,9 @@
-"""The train stage's work for one variant, against a real MLflow store in a temp dir."""
+"""The scratch stage's work for one variant, against a real MLflow store in a temp dir."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
@@ -13,67 +13,44 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.training import engine
-from cnnlab.config import AugmentParams, ColorJitterParams, TrainParams
+from cnnlab.config import AugmentParams, ColorJitterParams, RuntimeParams
 from cnnlab.data.augment import run_augment
 from cnnlab.data.split import read_manifest, run_split
 from cnnlab.data.tensors import TrainSet
-from cnnlab.training.outputs import TrainOutputs
-from cnnlab.stages.scratch import train_variant
-from conftest import use_mlflow_store
+from cnnlab.training import engine
 from helpers.served import publish_variant
-
-TINY = TrainParams(epochs=2, batch_size=16, early_stopping_patience=None, arch="tinyvgg",
-                   arch_kwargs={"hidden_units": 4})
-
-
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_mlflow_store(monkeypatch, tmp_path)
-
+from helpers.variant_runs import SPLIT, TINY, train_scratch
 
 @pytest.fixture
 def data_dirs(tiny_idx: Path, tmp_path: Path) -> tuple[Path, Path]:
     split, aug = tmp_path / "split", tmp_path / "aug"
-    run_split(tiny_idx, split, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=6,
-              max_val_per_class=3, max_test_per_class=2, max_image_pixels=10_000, max_side=None, color_mode="auto")
-    run_augment(split, aug, tmp_path / "preview.png", policy_params=AugmentParams(), copies=1, seed=0,
-                preview_images=2)
+    run_split(tiny_idx, split, SPLIT, seed=0)
+    run_augment(split, aug, tmp_path / "preview.png", AugmentParams(copies=1, preview_images=2), seed=0)
     return split, aug
-
-
-def _train(split: Path, aug: Path | None, out_root: Path, variant: str = "regularized", **kw):
-    out = TrainOutputs(model_dir=out_root / "model", metrics=out_root / "metrics.json",
-                       history=out_root / "history.csv", curves=out_root / "curves.png",
-                       checkpoint=out_root / "ckpt.pt")
-    args = dict(variant=variant, split_dir=split, augmented_dir=aug, on_the_fly=False, dropout=0.5, cfg=TINY,
-                seed=0, experiment="test", logged_params={"variant": variant, "train": TINY.model_dump()}, out=out)
-    args.update(kw)
-    return train_variant(**args), out
 
 
 def test_train_variant_writes_outputs_and_a_complete_mlflow_run(store: str, data_dirs, tmp_path: Path):
     split, aug = data_dirs
-    result, out = _train(split, aug, tmp_path / "a")
-    run = mlflow.MlflowClient().get_run(result["run_id"])
+    result, out = train_scratch(split, aug, tmp_path / "a")
+    run = mlflow.MlflowClient().get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["variant"] == "regularized" and run.data.tags["stage"] == "scratch@regularized"
-    assert run.data.params["train.arch"] == "tinyvgg"
-    history = mlflow.MlflowClient().get_metric_history(result["run_id"], "val_accuracy")
+    assert run.data.params["scratch.arch"] == "tinyvgg"
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2]
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "plots")}
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "plots")}
     assert artifacts == {"plots/history.csv", "plots/curves.png"}
-    assert json.loads((out.model_dir / "run.json").read_text())["run_id"] == result["run_id"]
+    assert json.loads((out.model_dir / "run.json").read_text())["run_id"] == result.run_id
     assert not out.checkpoint.exists()  # removed once the stage succeeded
     metrics = json.loads(out.metrics.read_text())
     assert set(metrics) == {"val_accuracy", "val_loss", "best_epoch", "epochs_run", "stopped_early", "parameters"}
     assert len(pd.read_csv(out.history)) == 2
     # the run holds the trained files; `register` makes the servable pyfunc from them, once
-    files = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "classifier")}
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "classifier")}
     assert files == {"classifier/spec.json", "classifier/weights.pt"}
-    uri = publish_variant(result["run_id"], out.model_dir, split)
-    assert publish_variant(result["run_id"], out.model_dir, split) == uri  # reused, not logged twice
-    after = mlflow.MlflowClient().get_run(result["run_id"])
+    uri = publish_variant(result.run_id, out.model_dir, split)
+    assert publish_variant(result.run_id, out.model_dir, split) == uri  # reused, not logged twice
+    after = mlflow.MlflowClient().get_run(result.run_id)
     assert after.info.status == "FINISHED" and after.data.tags["params_hash"] == run.data.tags["params_hash"]
     # the logged model serves the raw PNG bytes of a validation image
     model = mlflow.pyfunc.load_model(uri)
@@ -84,10 +61,10 @@ def test_train_variant_writes_outputs_and_a_complete_mlflow_run(store: str, data
 
 def test_same_params_same_metrics_file(store: str, data_dirs, tmp_path: Path):
     split, aug = data_dirs
-    _, a = _train(split, aug, tmp_path / "a")
-    _, b = _train(split, aug, tmp_path / "b")
+    _, a = train_scratch(split, aug, tmp_path / "a")
+    _, b = train_scratch(split, aug, tmp_path / "b")
     assert a.metrics.read_bytes() == b.metrics.read_bytes()
-    _, c = _train(split, aug, tmp_path / "c", seed=1)
+    _, c = train_scratch(split, aug, tmp_path / "c", seed=1)
     assert json.loads(a.metrics.read_text()) != json.loads(c.metrics.read_text())
 
 
@@ -115,7 +92,8 @@ def fit_spy(monkeypatch: pytest.MonkeyPatch) -> list[FitCall]:
     calls: list[FitCall] = []
 
     def spy(model, train, val, cfg, **kw):
-        call = FitCall(train=train, augment=kw.get("augment"))
+        hooks = kw.get("hooks", engine.Hooks())
+        call = FitCall(train=train, augment=hooks.augment)
         calls.append(call)
         if call.augment is not None:
             real_augment = call.augment
@@ -125,12 +103,12 @@ def fit_spy(monkeypatch: pytest.MonkeyPatch) -> list[FitCall]:
                 call.augmented.append((img.clone(), out.clone()))
                 return out
 
-            kw["augment"] = recording
+            kw["hooks"] = replace(hooks, augment=recording)
         model.register_forward_pre_hook(
             lambda mod, args: call.batches.append(args[0].clone()) if mod.training else None)
         return engine.fit(model, train, val, cfg, **kw)
 
-    monkeypatch.setattr("cnnlab.stages.scratch.fit", spy)
+    monkeypatch.setattr("cnnlab.stages.variant.fit", spy)
     return calls
 
 
@@ -149,9 +127,9 @@ def test_each_variant_trains_on_the_data_it_names(store: str, data_dirs, tmp_pat
     n = len(rows)
     assert n == 60  # 6 per class
 
-    _train(split, None, tmp_path / "s", variant="scratch", dropout=0.0)
-    _train(split, aug, tmp_path / "r")
-    _train(split, aug, tmp_path / "f", variant="fly", on_the_fly=True)
+    train_scratch(split, None, tmp_path / "s", variant="scratch", dropout=0.0)
+    train_scratch(split, aug, tmp_path / "r")
+    train_scratch(split, aug, tmp_path / "f", variant="fly", on_the_fly=True)
     scratch, regularized, fly = fit_spy
 
     # scratch: one version per image, the stored originals, no augmentation
@@ -198,16 +176,15 @@ def test_on_the_fly_feeds_the_stored_policy_s_transform_of_each_original(
     model must be fed each original turned by 180 degrees, never the original itself. The policy
     comes from the augment folder's policy.json, not from the defaults."""
     split, aug = tmp_path / "split", tmp_path / "aug"
-    run_split(tiny_idx, split, seed=0, val_fraction=0.2, test_fraction=0.2, max_train_per_class=6,
-              max_val_per_class=3, max_test_per_class=2, max_image_pixels=10_000, max_side=None, color_mode="auto")
+    run_split(tiny_idx, split, SPLIT, seed=0)
     turn = AugmentParams(hflip=1.0, vflip=1.0, rotation=0.0, translate=0.0, scale=[1.0, 1.0], shear=0.0,
-                         color_jitter=ColorJitterParams(), random_erasing=0.0)
-    run_augment(split, aug, tmp_path / "preview.png", policy_params=turn, copies=1, seed=0, preview_images=2)
+                         color_jitter=ColorJitterParams(), random_erasing=0.0, copies=1, preview_images=2)
+    run_augment(split, aug, tmp_path / "preview.png", turn, seed=0)
     originals = _decoded([r["path"] for r in read_manifest(split, "train")])
     turned = originals.flip(-1, -2)
     assert not set(_rows(turned)) & set(_rows(originals))  # so a fed original cannot pass for a turned one
 
-    _train(split, aug, tmp_path / "f", variant="fly", on_the_fly=True)
+    train_scratch(split, aug, tmp_path / "f", variant="fly", on_the_fly=True)
     (fly,) = fit_spy
     fed, n = torch.cat(fly.batches), len(originals)
     assert len(fed) == TINY.epochs * n
@@ -221,18 +198,18 @@ def test_a_failing_run_is_marked_failed(store: str, data_dirs, tmp_path: Path, m
     def fit(*args, **kwargs):  # a failure inside the run, e.g. out of memory in an epoch
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("cnnlab.stages.scratch.fit", fit)
+    monkeypatch.setattr("cnnlab.stages.variant.fit", fit)
     with pytest.raises(RuntimeError, match="boom"):
-        _train(split, aug, tmp_path / "x")
+        train_scratch(split, aug, tmp_path / "x")
     runs = mlflow.search_runs(experiment_names=["test"])
     assert list(runs["status"]) == ["FAILED"]
 
 
 def test_a_precision_the_device_cannot_run_is_refused_before_any_run(store: str, data_dirs, tmp_path: Path):
     split, aug = data_dirs
-    broken = TINY.model_copy(update={"precision": "fp16", "device": "cpu"})
+    broken = TINY.model_copy(update={"runtime": RuntimeParams(precision="fp16", device="cpu")})
     with pytest.raises(ValueError, match="fp16' needs CUDA"):
-        _train(split, aug, tmp_path / "x", cfg=broken)
+        train_scratch(split, aug, tmp_path / "x", cfg=broken)
     client = mlflow.MlflowClient(store)
     experiment = client.get_experiment_by_name("test")
     assert experiment is None or not client.search_runs([experiment.experiment_id])
@@ -242,4 +219,4 @@ def test_stale_augment_output_is_a_clear_error(store: str, data_dirs, tmp_path: 
     split, aug = data_dirs
     (aug / "train.csv").write_text("path,label,class,source\nimages/x.png,0,a,images/train/nope.png\n")
     with pytest.raises(ValueError, match="augment stage is out of date"):
-        _train(split, aug, tmp_path / "x")
+        train_scratch(split, aug, tmp_path / "x")

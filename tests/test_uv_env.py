@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, use_mlflow_store
-from tiny_model import encode, train_tiny
+from helpers.tiny_model import encode, train_tiny
 
 from cnnlab.data.preprocess import prepare
 from cnnlab.serving.model_env import UnresolvedImportError, served_requirements
@@ -96,8 +96,8 @@ def _rgb_levels(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_transfer(folder: Path) -> None:
     """EfficientNet-Lite0 with its real offline ImageNet weights, the head trained for a moment
-    on dark / mid / bright: the "backbone" kind the feature_extract and fine_tune stages log."""
-    spec = ModelSpec(kind="backbone", arch="efficientnet_lite0", classes=CLASSES, mode="RGB", image_size=32,
+    on dark / mid / bright: the "pretrained" kind the feature_extract and fine_tune stages log."""
+    spec = ModelSpec(kind="pretrained", arch="efficientnet_lite0", classes=CLASSES, mode="RGB", image_size=32,
                      mean=[0.5] * 3, std=[0.5] * 3, kwargs={"dropout": 0.0, "hidden": None, "weights": "default"})
     torch.manual_seed(0)
     model = build_pretrained_classifier(spec).eval()  # eval: frozen BatchNorm statistics

@@ -159,21 +159,26 @@ class RuntimeParams(_Section):
     tf32: bool = True
 
 
-class FitParams(_Section):
-    """Everything the training loop (`cnnlab.training.engine.fit`) reads."""
+class _LoopParams(_Section):
+    """The loop's settings that every kind exposes, the frozen backbone's head included."""
 
     epochs: Epochs = 40
     batch_size: BatchSize = 64
     optimizer: Optimizer = "adamw"
     lr: LearningRate = 0.001
     weight_decay: WeightDecay = 0.0001
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     scheduler: Scheduler = "cosine"
+    early_stopping_patience: Positive | None = 20
+    label_smoothing: Smoothing = 0.0
+
+
+class FitParams(_LoopParams):
+    """Everything the training loop (`cnnlab.training.engine.fit`) reads."""
+
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     step_size: Positive = 10
     gamma: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    early_stopping_patience: Positive | None = 20
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
-    label_smoothing: Smoothing = 0.0
     focal_gamma: Annotated[float, Field(ge=0.0)] = 2.0
     class_weights: Literal["none", "balanced"] = "none"
     grad_clip: Annotated[float, Field(gt=0.0)] | None = None
@@ -185,10 +190,6 @@ class FitParams(_Section):
         if self.loss == "focal" and self.label_smoothing:
             raise ValueError("label_smoothing applies to cross_entropy only; set it to 0 with loss: focal")
         return self
-
-    def fit_params(self) -> FitParams:
-        """The loop's settings alone (what a checkpoint and the engine see)."""
-        return FitParams(**self.model_dump(include=set(FitParams.model_fields)))
 
 
 class ScratchParams(FitParams):
@@ -209,17 +210,10 @@ class ScratchParams(FitParams):
         return self
 
 
-class HeadParams(_Section):
+class HeadParams(_LoopParams):
     """How the head on top of a frozen backbone trains (on vectors: fp32, no channels_last)."""
 
     epochs: Epochs = 100
-    batch_size: BatchSize = 64
-    optimizer: Optimizer = "adamw"
-    lr: LearningRate = 0.001
-    weight_decay: WeightDecay = 0.0001
-    scheduler: Scheduler = "cosine"
-    early_stopping_patience: Positive | None = 20
-    label_smoothing: Smoothing = 0.0
 
 
 class FeatureExtractParams(_Section):

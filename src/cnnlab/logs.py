@@ -23,4 +23,3 @@ def configure(level: int = logging.INFO) -> None:
         handler._cnnlab = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False  # a caller's root handler would print each line twice

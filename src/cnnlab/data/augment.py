@@ -126,8 +126,8 @@ def run_augment(split_dir: Path, out_dir: Path, preview_path: Path, cfg: Augment
     preview = []
     out_rows = []
     threads = torch.get_num_threads()
-    # One image at a time is far too small to split across threads: on 2 cores one thread ran
-    # 5x faster than two (3.9 vs 21 ms per 28x28 image and 4 copies).
+    # One image at a time is far too small to split across threads: the threads' hand-offs cost
+    # more than they save.
     torch.set_num_threads(1)
     try:
         with staged_dir(out_dir) as tmp:

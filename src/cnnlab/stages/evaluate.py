@@ -181,8 +181,8 @@ def _parameters(model: torch.nn.Module) -> int:
 
 def _predict(model: Classifier, images: torch.Tensor, *, batch_size: int, rt: Runtime, desc: str) -> torch.Tensor:
     """fp32 logits on the CPU, one progress step per batch."""
-    # channels_last stays fp32 (same numbers on every re-run) but ran EfficientNet-Lite0 at
-    # 128 px 1.6-1.8x faster here than NCHW (~14 -> ~25 img/s on a busy 2-core CPU).
+    # channels_last keeps fp32's numbers on every re-run and is the layout oneDNN's convolutions
+    # run fastest in (docs/benchmarks.md).
     model.to(rt.device).to(memory_format=torch.channels_last)
     starts = range(0, len(images), batch_size)
     return torch.cat([predict_logits(model, images[s:s + batch_size], batch_size=batch_size, device=rt.device,

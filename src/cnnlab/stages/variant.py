@@ -41,7 +41,7 @@ class VariantRun:
 
     name: str
     kind: str  # scratch | feature_extract | fine_tune
-    stage: str  # the DVC stage, e.g. train@scratch
+    stage: str  # the DVC stage, e.g. scratch@regularized
     seed: int
     experiment: str
     logged_params: dict[str, Any]  # cnnlab.variants.run_params

@@ -173,12 +173,7 @@ def tracked_run(
     mlflow.set_tracking_uri(tracking_uri())
     os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run` points it at its own run; a stage opens its own
     flat = {k: _truncate(v) for k, v in flatten(params or {}).items()}
-    all_tags = {**tags, run_guard.OWNER_TAG: run_guard.owner()}
-    if params is not None:
-        all_tags.update({**dvc_experiment_tags(), "params_hash": params_hash(params)})
-        commit = git_commit()
-        if commit is not None:  # absent rather than a fake value: "unknown" would look like a commit
-            all_tags["git_commit"] = commit
+    all_tags = _run_tags(tags, params)
 
     in_main = threading.current_thread() is threading.main_thread()
     active: mlflow.ActiveRun | None = None
@@ -219,6 +214,18 @@ def tracked_run(
                 watcher.done()
             if installed:  # None: the old handler was set outside Python; default is closest
                 signal.signal(signal.SIGTERM, previous_handler or signal.SIG_DFL)
+
+
+def _run_tags(tags: Mapping[str, str], params: Mapping[str, Any] | None) -> dict[str, str]:
+    """The run's tags: ``tags``, the owner (for the run guard), and for a run of ``params`` the DVC
+    experiment, the params hash and the git commit."""
+    out = {**tags, run_guard.OWNER_TAG: run_guard.owner()}
+    if params is not None:
+        out.update({**dvc_experiment_tags(), "params_hash": params_hash(params)})
+        commit = git_commit()
+        if commit is not None:  # absent rather than a fake value: "unknown" would look like a commit
+            out["git_commit"] = commit
+    return out
 
 
 def end_stale_runs(experiment_ids: list[str]) -> list[str]:

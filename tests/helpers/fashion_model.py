@@ -35,7 +35,7 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # params.yaml download.
 # network changes the answer for colour uploads. Mean/std: Fashion-MNIST's pixel statistics,
 # rounded (0.2860 / 0.3530 over the 60,000 training images).
 SPEC = ModelSpec(
-    kind="zoo", arch="tinyvgg", classes=list(FASHION_MNIST_CLASSES), mode="RGB", image_size=28,
+    kind="scratch", arch="tinyvgg", classes=list(FASHION_MNIST_CLASSES), mode="RGB", image_size=28,
     mean=[0.286] * 3, std=[0.353] * 3, kwargs={"hidden_units": 8},
 )
 MAX_SIDE = 512  # the split stage's default max_side, which the served model repeats

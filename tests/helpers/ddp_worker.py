@@ -1,4 +1,4 @@
-"""One training process for tests/test_distributed.py: `fit` on test_engine's tiny learnable data,
+"""One training process for tests/test_distributed.py: `fit` on tests/helpers/engine_data.py's tiny learnable data,
 alone or as one rank under torchrun; every rank saves its final weights and buffers."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from cnnlab.config import FitParams, RuntimeParams
 from cnnlab.training import distributed
-from cnnlab.config import TrainParams
+from cnnlab.training.checkpoint import Checkpointing
 from cnnlab.training.engine import fit
-from test_engine import data, model
+from helpers.engine_data import data, model
 
 
 def main() -> None:
@@ -25,9 +26,10 @@ def main() -> None:
     world, device = distributed.init(torch.device("cpu"))
     train, val = data(n_per_class=32)
     m = model(seed=0, arch=args.arch)
-    cfg = TrainParams(epochs=args.epochs, batch_size=args.batch, early_stopping_patience=None, precision="fp32",
-                      channels_last=False, scheduler="none", device="cpu")
-    result = fit(m, train, val, cfg, seed=0, world=world, checkpoint=args.checkpoint, fingerprint="test")
+    cfg = FitParams(epochs=args.epochs, batch_size=args.batch, early_stopping_patience=None, scheduler="none",
+                    runtime=RuntimeParams(precision="fp32", channels_last=False, device="cpu"))
+    checkpoint = Checkpointing(args.checkpoint, "test") if args.checkpoint is not None else None
+    result = fit(m, train, val, cfg, seed=0, world=world, checkpoint=checkpoint)
     torch.save({"state": m.state_dict(), "history": result.history, "resumed_from": result.resumed_from_epoch},
                args.out.with_name(f"{args.out.stem}.rank{world.rank}.pt"))
     distributed.close(world)

@@ -1,7 +1,7 @@
 """A tiny real classifier, trained for a moment, logged and registered: what a served model is.
 
 Shared by the tests that need a model other processes can load (`mlflow models serve`,
-`python -m cnnlab predict`), so it uses a built-in architecture ("zoo" tinyvgg): a kind
+`python -m cnnlab predict`), so it uses a built-in architecture (kind "scratch", tinyvgg): a kind
 registered only inside a test module would not exist in those processes.
 """
 
@@ -21,7 +21,7 @@ from cnnlab.serving.pyfunc import log_classifier
 
 CLASSES = ["dark", "mid", "bright"]
 SPEC = ModelSpec(
-    kind="zoo", arch="tinyvgg", classes=CLASSES, mode="RGB", image_size=16,
+    kind="scratch", arch="tinyvgg", classes=CLASSES, mode="RGB", image_size=16,
     mean=[0.5] * 3, std=[0.25] * 3, kwargs={"hidden_units": 4},
 )
 
