@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", action="store_true", help="show fit's progress bars and epoch lines")
     args = ap.parse_args(argv)
     if args.verbose:
-        from cnnlab.logs import configure
+        from cnnlab.utils.logs import configure
 
         configure()  # fit's per-epoch lines, as the stages show them
     for opt in ("epochs", "steps", "repeats"):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 from cnnlab.config import ConfigError, Params, load_params  # noqa: E402
-from cnnlab.logs import configure  # noqa: E402
+from cnnlab.utils.logs import configure  # noqa: E402
 
 if TYPE_CHECKING:
     from cnnlab.stages.variant import VariantResult, VariantRun
@@ -38,8 +38,8 @@ def run(main: Callable[[], None], *expected: type[BaseException],
     """Run ``main``; an expected error prints its message (no traceback) and exits with status 1,
     and so does any error ``explain`` puts in words (the MLflow stages pass
     `cnnlab.tracking.store_errors.store_error`). If the stage is killed (SIGKILL: nothing in it
-    runs), a watcher removes the temp files it left under data/ (`cnnlab.run_guard.watch_files`)."""
-    from cnnlab.run_guard import watch_files
+    runs), a watcher removes the temp files it left under data/ (`cnnlab.utils.run_guard.watch_files`)."""
+    from cnnlab.utils.run_guard import watch_files
 
     guard = watch_files(Path("data").resolve())
     try:
@@ -72,7 +72,7 @@ def variant_run(args: argparse.Namespace, params: Params, kind: str) -> tuple[Va
     resolved settings; its outputs come from the --model/--metrics/... options."""
     from cnnlab.stages.variant import VariantRun
     from cnnlab.training.outputs import TrainOutputs
-    from cnnlab.variants import run_params
+    from cnnlab.tracking.run_params import run_params
 
     variants = params.resolved_variants()
     v = variants.get(args.variant)

@@ -186,7 +186,7 @@ def workspace(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def _run_stage(ws: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    # In-process, the script's logging set-up (`cnnlab.logs.configure`) is undone after the test by
+    # In-process, the script's logging set-up (`cnnlab.utils.logs.configure`) is undone after the test by
     # conftest's `cnnlab_logging` fixture; caplog sees the records meanwhile.
     caplog.set_level(logging.INFO, logger="cnnlab")
     spec = importlib.util.spec_from_file_location("evaluate_stage", REPO / "pipeline" / "evaluate.py")

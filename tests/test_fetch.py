@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cnnlab.data.fetch import ChecksumError, DownloadError, download, verify_digest
-from cnnlab.files import file_digest
+from cnnlab.utils.files import file_digest
 
 PAYLOAD = os.urandom(300 * 1024) + b"<html> inside binary data is fine"
 HTML = b"<!DOCTYPE html>\n<html><head><title>Download page</title></head><body>click</body></html>\n"

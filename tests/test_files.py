@@ -1,4 +1,4 @@
-"""Crash-safe writes (cnnlab.files) on real files, including where the OS lacks os.fchmod."""
+"""Crash-safe writes (cnnlab.utils.files) on real files, including where the OS lacks os.fchmod."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.files import atomic_write_text, staged_dir
+from cnnlab.utils.files import atomic_write_text, staged_dir
 
 
 def _umask() -> int:

@@ -93,7 +93,7 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 import cnnlab.training.engine as engine
 from cnnlab.config import FineTuneVariant
-from cnnlab.logs import configure
+from cnnlab.utils.logs import configure
 from cnnlab.stages.fine_tune import fine_tune
 from cnnlab.stages.variant import VariantRun
 from cnnlab.training.outputs import TrainOutputs

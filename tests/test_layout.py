@@ -63,10 +63,10 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-SUBPACKAGES = {"data", "models", "training", "evaluation", "tracking", "serving", "cli", "stages"}
-# Small shared modules at the top: config, crash-safe files and their watcher, logging, progress
-# bars, the MLflow param naming scheme.
-TOP_LEVEL = {"__init__", "__main__", "config", "files", "logs", "progress", "run_guard", "variants"}
+SUBPACKAGES = {"data", "models", "training", "evaluation", "tracking", "serving", "cli", "stages", "utils"}
+# params.yaml's typed sections sit at the top: every subpackage reads them, and no stage depends on
+# the file (every key has its value in params.yaml).
+TOP_LEVEL = {"__init__", "__main__", "config"}
 SKELETON = "cnnlab.stages.variant"  # the sequence every trainable variant's stage follows
 
 

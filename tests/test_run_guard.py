@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from cnnlab import run_guard
+from cnnlab.utils import run_guard
 from cnnlab.tracking.runs import tracked_run
 from conftest import use_mlflow_store
 
@@ -133,8 +133,8 @@ def test_a_resumed_run_that_was_ended_killed_runs_and_finishes_again(tmp_path: P
 _WRITER = r"""
 import sys, time
 from pathlib import Path
-from cnnlab.files import staged_dir
-from cnnlab.run_guard import watch_files
+from cnnlab.utils.files import staged_dir
+from cnnlab.utils.run_guard import watch_files
 root = Path(sys.argv[1])
 guard = watch_files(root)
 with staged_dir(root / "plots" / "out") as tmp:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab.files import atomic_write
+from cnnlab.utils.files import atomic_write
 from cnnlab.models.classifier import load_classifier
 from cnnlab.training.checkpoint import load_checkpoint
 from cnnlab.training.features import FeatureCache

@@ -33,7 +33,7 @@ from cnnlab.cli.predict import (
     load_model,
     predict_files,
 )
-from cnnlab.logs import configure
+from cnnlab.utils.logs import configure
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from cnnlab.files import staged_dir
+from cnnlab.utils.files import staged_dir
 
 __all__ = ["UnsafeArchiveError", "safe_extract"]
 

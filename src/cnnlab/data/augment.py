@@ -29,8 +29,8 @@ from torchvision.transforms import v2
 
 from cnnlab.config import AugmentParams
 from cnnlab.data.split import MANIFEST_FIELDS, read_manifest
-from cnnlab.files import staged_dir, write_csv, write_json
-from cnnlab.progress import progress
+from cnnlab.utils.files import staged_dir, write_csv, write_json
+from cnnlab.utils.progress import progress
 
 _AUTO = {
     "trivial_augment_wide": v2.TrivialAugmentWide,

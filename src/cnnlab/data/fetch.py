@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from cnnlab.files import file_digest
+from cnnlab.utils.files import file_digest
 
 __all__ = ["ChecksumError", "DownloadError", "download", "verify_digest"]
 

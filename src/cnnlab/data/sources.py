@@ -23,7 +23,7 @@ from typing import Any
 from cnnlab.data.archive import safe_extract
 from cnnlab.data.fetch import ChecksumError, DownloadError, download
 from cnnlab.data.idx import FASHION_MNIST_FILES, IdxFormatError, payload_md5
-from cnnlab.files import staged_dir, write_json
+from cnnlab.utils.files import staged_dir, write_json
 
 
 class SourceError(RuntimeError):

@@ -34,8 +34,8 @@ from cnnlab.data.images import (
     load_image,
 )
 from cnnlab.data.sources import read_source_info
-from cnnlab.files import staged_dir, write_csv, write_json
-from cnnlab.progress import progress
+from cnnlab.utils.files import staged_dir, write_csv, write_json
+from cnnlab.utils.progress import progress
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ("path", "label", "class", "source")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cnnlab.data.preprocess import Mode, prepare
 from cnnlab.data.split import read_manifest
-from cnnlab.progress import progress
+from cnnlab.utils.progress import progress
 
 
 @dataclass

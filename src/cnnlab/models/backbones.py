@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.files import file_digest
+from cnnlab.utils.files import file_digest
 
 __all__ = [
     "BackboneInfo",

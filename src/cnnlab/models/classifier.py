@@ -119,7 +119,7 @@ _BUILDERS: dict[str, Builder] = {"scratch": _zoo_net, "pretrained": _backbone_ki
 
 def save_classifier(model: Classifier, spec: ModelSpec, folder: Path) -> None:
     """Write ``spec.json`` + ``weights.pt`` into ``folder``, each atomically."""
-    from cnnlab.files import atomic_write, atomic_write_text
+    from cnnlab.utils.files import atomic_write, atomic_write_text
 
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(folder / "weights.pt", lambda tmp: torch.save(weights, tmp))

@@ -18,7 +18,7 @@ import mlflow
 
 import cnnlab
 from cnnlab.data.split import read_manifest
-from cnnlab.files import file_digest
+from cnnlab.utils.files import file_digest
 from cnnlab.serving.pyfunc import log_classifier
 from cnnlab.tracking.runs import tracked_run
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cnnlab.config import AugmentParams
 from cnnlab.data.augment import run_augment
-from cnnlab.files import write_json
+from cnnlab.utils.files import write_json
 
 
 def augment(split_dir: Path, out_dir: Path, preview: Path, metrics: Path, cfg: AugmentParams, *, seed: int) -> dict:

@@ -31,9 +31,9 @@ from cnnlab.evaluation.scoring import (
     score,
     softmax,
 )
-from cnnlab.files import atomic_write_text, staged_dir, write_json
+from cnnlab.utils.files import atomic_write_text, staged_dir, write_json
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
-from cnnlab.progress import progress
+from cnnlab.utils.progress import progress
 from cnnlab.tracking.runs import tracked_run, tracking_uri
 from cnnlab.training.engine import predict_logits
 from cnnlab.training.features import FeatureCache, manifest_digest, trunk_digest

@@ -21,7 +21,7 @@ from cnnlab.data.tensors import (
     split_mode,
     train_versions,
 )
-from cnnlab.files import files_digest
+from cnnlab.utils.files import files_digest
 from cnnlab.models.backbones import create_backbone
 from cnnlab.models.classifier import Classifier, ModelSpec, build_pretrained_classifier
 from cnnlab.stages.variant import Finished, Plan, VariantResult, VariantRun, run_variant

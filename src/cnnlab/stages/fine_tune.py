@@ -17,7 +17,7 @@ from torch import nn
 
 from cnnlab.config import FineTuneVariant
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train
-from cnnlab.files import files_digest
+from cnnlab.utils.files import files_digest
 from cnnlab.models.backbones import create_backbone
 from cnnlab.models.classifier import Classifier, load_classifier
 from cnnlab.stages.variant import Finished, Plan, VariantResult, VariantRun, run_variant

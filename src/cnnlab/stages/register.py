@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 
 from cnnlab.config import RegistryParams
-from cnnlab.files import write_json
+from cnnlab.utils.files import write_json
 from cnnlab.serving.publish import example_images, publish, serving_limits
 from cnnlab.tracking.model_registry import (
     Candidate,
@@ -39,7 +39,7 @@ def register(models_dir: Path, split_dir: Path, test_metrics: Path, out: Path, *
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     # Before a version points at them: end the runs that a killed stage left RUNNING in the variants'
-    # experiments (cnnlab.run_guard; the watcher covers a SIGKILL, this a power cut).
+    # experiments (cnnlab.utils.run_guard; the watcher covers a SIGKILL, this a power cut).
     end_stale_runs(sorted({e for c in candidates if (e := _experiment_of(client, c.run_id))}))
     limits, examples = serving_limits(split_dir), example_images(split_dir)
     candidates = [dataclasses.replace(c, model_uri=_publish(c, models_dir, stages, limits, examples))

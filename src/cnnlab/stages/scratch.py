@@ -11,7 +11,7 @@ import torch
 
 from cnnlab.config import AugmentParams, ScratchParams
 from cnnlab.data.tensors import load_split, load_train, split_classes, split_mode
-from cnnlab.files import files_digest
+from cnnlab.utils.files import files_digest
 from cnnlab.models.classifier import ModelSpec, build_classifier
 from cnnlab.models.zoo import init_weights
 from cnnlab.stages.variant import Finished, Plan, VariantResult, VariantRun, run_variant

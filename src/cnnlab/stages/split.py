@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cnnlab.config import SplitParams
 from cnnlab.data.split import run_split
-from cnnlab.files import write_json
+from cnnlab.utils.files import write_json
 
 
 def split(raw_dir: Path, out_dir: Path, metrics: Path, cfg: SplitParams, *, seed: int) -> dict:

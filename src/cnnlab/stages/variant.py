@@ -44,7 +44,7 @@ class VariantRun:
     stage: str  # the DVC stage, e.g. scratch@regularized
     seed: int
     experiment: str
-    logged_params: dict[str, Any]  # cnnlab.variants.run_params
+    logged_params: dict[str, Any]  # cnnlab.tracking.run_params.run_params
     out: TrainOutputs
 
 

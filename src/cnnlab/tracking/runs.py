@@ -2,7 +2,7 @@
 
 `tracked_run` is the only way a stage should open a run: it guarantees the run never stays
 RUNNING (FINISHED / FAILED / KILLED, including on SIGTERM from DVC or a user, and on SIGKILL via
-`cnnlab.run_guard`), tags it with the code version and a hash of its params, and can resume a
+`cnnlab.utils.run_guard`), tags it with the code version and a hash of its params, and can resume a
 run that a killed job left behind.
 """
 
@@ -25,7 +25,7 @@ import mlflow
 from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 
-from cnnlab import run_guard
+from cnnlab.utils import run_guard
 
 DEFAULT_STORE = "mlflow.db"  # MLflow 3's own default store, but at the project root, not the cwd
 DEFAULT_ARTIFACTS = "mlruns"
@@ -167,7 +167,7 @@ def tracked_run(
 
     SIGTERM inside the block raises `Terminated`; KeyboardInterrupt and `Terminated` mark the
     run KILLED and propagate, any other exception marks it FAILED and propagates. SIGKILL and power
-    cuts are `cnnlab.run_guard`'s: a watcher process ends this run KILLED if the process dies
+    cuts are `cnnlab.utils.run_guard`'s: a watcher process ends this run KILLED if the process dies
     inside the block, and opening a run first ends the experiment's runs whose process is gone.
     """
     mlflow.set_tracking_uri(tracking_uri())
@@ -229,7 +229,7 @@ def _run_tags(tags: Mapping[str, str], params: Mapping[str, Any] | None) -> dict
 
 
 def end_stale_runs(experiment_ids: list[str]) -> list[str]:
-    """End KILLED the RUNNING runs of these experiments whose process is gone (`cnnlab.run_guard`).
+    """End KILLED the RUNNING runs of these experiments whose process is gone (`cnnlab.utils.run_guard`).
     Never raises: a store that refuses (no EDIT permission on a team server) only gets a warning."""
     try:
         return run_guard.end_stale_runs(mlflow.MlflowClient(), experiment_ids)

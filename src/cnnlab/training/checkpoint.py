@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.files import atomic_write
+from cnnlab.utils.files import atomic_write
 
 _log = logging.getLogger(__name__)
 

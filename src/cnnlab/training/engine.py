@@ -27,7 +27,7 @@ from torch import nn
 
 from cnnlab.config import FitParams
 from cnnlab.data.tensors import TensorSet, TrainSet
-from cnnlab.progress import progress
+from cnnlab.utils.progress import progress
 from cnnlab.training.checkpoint import (
     Checkpointing,
     Progress,

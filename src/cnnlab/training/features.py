@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.files import file_digest, write_json
+from cnnlab.utils.files import file_digest, write_json
 from cnnlab.models.classifier import Classifier
 
 _log = logging.getLogger(__name__)

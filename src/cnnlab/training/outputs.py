@@ -12,7 +12,7 @@ from typing import Any
 import mlflow
 import torch
 
-from cnnlab.files import write_csv, write_json
+from cnnlab.utils.files import write_csv, write_json
 from cnnlab.models.classifier import ModelSpec, save_classifier
 from cnnlab.training.curves import plot_history
 from cnnlab.training.engine import FitResult

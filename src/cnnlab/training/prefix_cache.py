@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cnnlab.models.classifier import Classifier
-from cnnlab.progress import progress
+from cnnlab.utils.progress import progress
 from cnnlab.training.engine import autocast
 from cnnlab.training.hardware import Runtime
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cnnlab.run_guard import pid_alive, temp_prefix
+from cnnlab.utils.run_guard import pid_alive, temp_prefix
 
 
 @contextmanager
@@ -69,7 +69,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def remove_leftovers(dest: Path) -> None:
     """Remove the temp files and folders a SIGKILLed write of ``dest`` left beside it
     (``.<name>.tmp-<pid>-*``, ``.<name>.old-*``) whose writer is gone: no stage declares them as
-    outputs, so nothing else would (`cnnlab.run_guard.watch_files` does right after a SIGKILL)."""
+    outputs, so nothing else would (`cnnlab.utils.run_guard.watch_files` does right after a SIGKILL)."""
     for leftover in [*dest.parent.glob(f".{dest.name}.tmp-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
         writer = re.search(r"\.tmp-(\d+)-", leftover.name)
         if writer and int(writer.group(1)) != os.getpid() and pid_alive(int(writer.group(1))):

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_log = logging.getLogger("cnnlab.run_guard")
+_log = logging.getLogger("cnnlab.utils.run_guard")
 
 OWNER_TAG = "cnnlab.owner"
 ENDED_TAG = "cnnlab.ended_by"
