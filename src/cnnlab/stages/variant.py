@@ -113,9 +113,9 @@ def run_variant(v: VariantRun, runtime: RuntimeParams, prepare: Callable[[Runtim
             distributed.close(world)
             return None
         done = plan.finish(result)
-        metrics, timing, _ = record_variant(run, variant=v.name, model=done.model, spec=done.spec, result=result,
-                                            out=v.out, experiment=v.experiment, title=done.title,
-                                            extra_metrics=done.extra_metrics)
+        metrics, timing = record_variant(run, variant=v.name, model=done.model, spec=done.spec, result=result,
+                                         out=v.out, experiment=v.experiment, title=done.title,
+                                         extra_metrics=done.extra_metrics)
     v.out.checkpoint.unlink(missing_ok=True)
     distributed.close(world)
     return VariantResult(metrics=metrics, timing=timing, run_id=run.info.run_id, summary=done.summary)

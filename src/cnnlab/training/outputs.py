@@ -42,11 +42,10 @@ def record_variant(
     experiment: str,
     title: str,
     extra_metrics: dict[str, float] | None = None,
-) -> tuple[dict[str, Any], dict[str, float], dict[str, str]]:
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Everything a finished variant leaves behind, the same for every variant: the saved model,
     history CSV, curves, DVC metrics, and in the active MLflow run the summary metrics, plots
-    and the model folder (``classifier/``: spec.json, weights.pt). Returns (DVC metrics, timings,
-    run info)."""
+    and the model folder (``classifier/``: spec.json, weights.pt). Returns (DVC metrics, timings)."""
     model.to("cpu").to(memory_format=torch.contiguous_format)
     save_classifier(model, spec, out.model_dir)
     write_csv(out.history, HISTORY_FIELDS, result.history)
@@ -70,8 +69,7 @@ def record_variant(
     mlflow.log_artifacts(str(out.model_dir), "classifier")
     # val_accuracy here too: evaluate and register read every variant from data/models/<name>/ (the
     # one folder DVC can hand them for any set of variants) and choose the champion by it.
-    run_info = {"run_id": run.info.run_id, "experiment": experiment, "variant": variant,
-                "val_accuracy": result.best_val_accuracy}
-    write_json(out.model_dir / "run.json", run_info)
+    write_json(out.model_dir / "run.json", {"run_id": run.info.run_id, "experiment": experiment, "variant": variant,
+                                            "val_accuracy": result.best_val_accuracy})
     write_json(out.metrics, metrics)
-    return metrics, timing, run_info
+    return metrics, timing
