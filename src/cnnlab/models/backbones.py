@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from cnnlab.utils.files import file_digest
+from cnnlab.utils.registry import Registry
 
 __all__ = [
     "BackboneInfo",
@@ -69,36 +70,21 @@ class WeightsUnavailableError(RuntimeError):
 # A builder returns the FULL ImageNet classifier (head included) with weights loaded, so that
 # `imagenet_model` can use it as is and `create_backbone` only has to strip the head.
 Builder = Callable[[str | None], tuple[nn.Module, BackboneInfo]]
-_BACKBONES: dict[str, Builder] = {}
+_BACKBONES: Registry[Builder] = Registry("backbone")
 
 
-def register_backbone(name: str) -> Callable[[Builder], Builder]:
-    """Decorator adding ``builder(weights) -> (full ImageNet model, info)``; duplicates are a ValueError."""
-
-    def deco(fn: Builder) -> Builder:
-        if name in _BACKBONES:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _BACKBONES[name] = fn
-        return fn
-
-    return deco
-
-
-def list_backbones() -> list[str]:
-    """Registered names; any timm model is also available as ``timm:<model>``."""
-    return sorted(_BACKBONES)
+# @register_backbone("name") adds ``builder(weights) -> (full ImageNet model, info)``; a name twice
+# is a ValueError. Any timm model is also available as ``timm:<model>``.
+register_backbone = _BACKBONES.register
+list_backbones = _BACKBONES.names
 
 
 def imagenet_model(name: str, *, weights: str | None = "default") -> tuple[nn.Module, BackboneInfo]:
     """The full ImageNet classifier (1000 logits) in eval mode, e.g. to check weights are real."""
     if name.startswith("timm:"):
         model, info = _timm_backbone(name[len("timm:") :], weights)
-    elif name in _BACKBONES:
-        model, info = _BACKBONES[name](weights)
     else:
-        raise ValueError(
-            f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}, or timm:<model>"
-        )
+        model, info = _BACKBONES.get(name, also="timm:<model>")(weights)
     return model.eval(), info
 
 

@@ -19,19 +19,15 @@ from torch import nn
 
 # One way: the classifier builds nets from the zoo and the backbones; neither imports this module.
 from cnnlab.models import backbones, zoo
+from cnnlab.utils.registry import Registry
 
 Builder = Callable[["ModelSpec"], nn.Module]
 
 
-def register_kind(kind: str) -> Callable[[Builder], Builder]:
-    """Register how to build the inner network for specs of a new ``kind`` (the built-in ones are
-    "scratch" and "pretrained")."""
-
-    def deco(fn: Builder) -> Builder:
-        _BUILDERS[kind] = fn
-        return fn
-
-    return deco
+# @register_kind("name"): how to build the inner network for specs of a new kind (the built-in
+# ones are "scratch" and "pretrained"); a kind twice is a ValueError.
+_BUILDERS: Registry[Builder] = Registry("model kind")
+register_kind = _BUILDERS.register
 
 
 @dataclass(frozen=True)
@@ -68,11 +64,7 @@ class Classifier(nn.Module):
 
 
 def build_classifier(spec: ModelSpec) -> Classifier:
-    try:
-        builder = _BUILDERS[spec.kind]
-    except KeyError:
-        raise ValueError(f"unknown model kind {spec.kind!r}; known: {', '.join(sorted(_BUILDERS))}") from None
-    return Classifier(builder(spec), spec.mean, spec.std)
+    return Classifier(_BUILDERS.get(spec.kind)(spec), spec.mean, spec.std)
 
 
 def _zoo_net(spec: ModelSpec) -> nn.Module:
@@ -114,7 +106,8 @@ def build_pretrained_classifier(spec: ModelSpec) -> Classifier:
     return Classifier(backbone_net(spec, weights=spec.kwargs.get("weights", "default")), spec.mean, spec.std)
 
 
-_BUILDERS: dict[str, Builder] = {"scratch": _zoo_net, "pretrained": _backbone_kind_net}
+register_kind("scratch")(_zoo_net)
+register_kind("pretrained")(_backbone_kind_net)
 
 
 def save_classifier(model: Classifier, spec: ModelSpec, folder: Path) -> None:

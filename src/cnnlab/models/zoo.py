@@ -17,26 +17,16 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cnnlab.utils.registry import Registry
+
 Builder = Callable[..., nn.Module]
-_MODELS: dict[str, Builder] = {}
+_MODELS: Registry[Builder] = Registry("model")
 _COMMON = ("in_channels", "num_classes", "image_size", "dropout")
 _MAX_PROBE = 512  # no architecture here needs more; failing beyond this is a bug, not a size problem
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator adding a builder under ``name``; registering a name twice is a ValueError."""
-
-    def deco(fn: Builder) -> Builder:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = fn
-        return fn
-
-    return deco
-
-
-def list_models() -> list[str]:
-    return sorted(_MODELS)
+register_model = _MODELS.register  # @register_model("name") adds a builder; a name twice is a ValueError
+list_models = _MODELS.names
 
 
 def create_model(
@@ -44,9 +34,7 @@ def create_model(
 ) -> nn.Module:
     """Build ``name``. All configuration mistakes raise ValueError (so callers catch one type):
     unknown name, a kwarg the builder does not take, bad sizes/rates, an image too small."""
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    builder = _MODELS[name]
+    builder = _MODELS.get(name)
     for arg, value in (("in_channels", in_channels), ("num_classes", num_classes), ("image_size", image_size)):
         _check_positive(arg, value)
     if not 0.0 <= dropout < 1.0:
