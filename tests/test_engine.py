@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from cnnlab.data.tensors import TensorSet, TrainSet
 from cnnlab.models.classifier import ModelSpec, build_classifier
 from cnnlab.training.checkpoint import Checkpointing, load_checkpoint
 from cnnlab.training.engine import Hooks, fit, validate
-from cnnlab.training.losses import FocalLoss, balanced_class_weights, make_criterion
+from cnnlab.training.losses import FocalLoss, balanced_class_weights, class_weights, make_criterion
 from helpers.engine_data import FAST, data, fit_params, model
 
 def test_learns_and_reports_exact_per_sample_accuracy():
@@ -400,6 +401,28 @@ def test_balanced_class_weights_are_n_over_k_times_n_c():
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
     torch.testing.assert_close(balanced_class_weights(labels, 3), torch.tensor([7 / 12, 7 / 6, 7 / 3]))
     torch.testing.assert_close(balanced_class_weights(torch.tensor([0, 0, 0, 1]), 2), torch.tensor([4 / 6, 2.0]))
+
+
+def test_auto_class_weights_turn_on_for_a_4_to_1_imbalance_and_not_for_a_balanced_set():
+    four_to_one = torch.tensor([0] * 40 + [1] * 10)
+    balanced = torch.tensor([0] * 20 + [1] * 20)
+    torch.testing.assert_close(class_weights("auto", four_to_one, 2), balanced_class_weights(four_to_one, 2))
+    assert class_weights("auto", balanced, 2) is None
+    assert class_weights("auto", torch.tensor([0] * 19 + [1] * 10), 2) is None  # 1.9x: below the threshold
+    assert class_weights("none", four_to_one, 2) is None
+    torch.testing.assert_close(class_weights("balanced", balanced, 2), torch.ones(2))
+
+
+def test_fit_weighs_an_imbalanced_training_set_under_auto(caplog: pytest.LogCaptureFixture):
+    train, val = data(n_per_class=8)
+    keep = torch.cat([torch.arange(0, 8), torch.arange(8, 10), torch.arange(16, 18)])  # 8 : 2 : 2 images
+    imbalanced = TrainSet(train.images[keep], train.labels[keep], torch.arange(len(keep))[:, None])
+    caplog.set_level(logging.INFO, logger="cnnlab")
+    fit(model(), imbalanced, val, fit_params(**{**FAST, "epochs": 1}), seed=0)
+    fit(model(), train, val, fit_params(**{**FAST, "epochs": 1}), seed=0)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("class_weights auto")]
+    assert said == ["class_weights auto: balanced (largest class 8 images, smallest 2)",
+                    "class_weights auto: none (largest class 8 images, smallest 8)"]
 
 
 def test_criteria_match_their_formulas_by_hand():

@@ -187,10 +187,10 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
     """One whole `dvc repro` of the default variants, tiny; the two tests below share it (a run
     is most of their cost): the determinism test re-runs it as it was, the variants test leaves
     it with the variants it found."""
-    # train: lr 0.01 for 20 epochs, so 50 training images teach tinyvgg something (at the default
+    # scratch: lr 0.01 for 20 epochs, so 50 training images teach tinyvgg something (at the default
     # 0.001 for 2 epochs it stays near chance); regularized keeps its own 100 epochs.
     ws = _workspace(tmp_path_factory.mktemp("full"), **TINY,
-                    train={"epochs": 20, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
+                    scratch={"epochs": 20, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
                     feature_extract={"image_size": 32}, fine_tune={"epochs": 1})
     return ws, _dvc(ws, "repro")
 

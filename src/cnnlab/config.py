@@ -180,7 +180,7 @@ class FitParams(_LoopParams):
     gamma: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: Annotated[float, Field(ge=0.0)] = 2.0
-    class_weights: Literal["none", "balanced"] = "none"
+    class_weights: Literal["none", "balanced", "auto"] = "auto"
     grad_clip: Annotated[float, Field(gt=0.0)] | None = None
     accumulation_steps: Positive = 1
     runtime: RuntimeParams = RuntimeParams()

@@ -95,7 +95,8 @@ def run_variant(v: VariantRun, runtime: RuntimeParams, prepare: Callable[[Runtim
     else:
         world = distributed.SINGLE
         _log.info("%s: %s", v.stage, rt.describe())
-    logged = {**v.logged_params, **rt.params(), "world_size": world.size}
+    # world_size only where torchrun may run it (a single-process kind has no such setting)
+    logged = {**v.logged_params, **rt.params(), **({"world_size": world.size} if processes else {})}
     torch.manual_seed(v.seed)
     plan = prepare(rt, world)
     fingerprint = params_hash({"params": logged, "data": plan.data, "runtime": rt.key})

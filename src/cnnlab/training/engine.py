@@ -46,7 +46,7 @@ from cnnlab.training.distributed import (
     wrap,
 )
 from cnnlab.training.hardware import Runtime, runtime_of
-from cnnlab.training.losses import balanced_class_weights, make_criterion
+from cnnlab.training.losses import class_weights, make_criterion
 from cnnlab.training.optim import make_optimizer, make_scheduler
 
 _log = logging.getLogger(__name__)
@@ -223,7 +223,11 @@ def _setup(model: nn.Module, train: TrainSet, val: TensorSet, cfg: FitParams, *,
     val = resident(val, rt.device)
     steps = math.ceil(math.ceil(len(train.versions) / world.size) / cfg.batch_size)  # per rank = the global count
     originals = train.labels[train.versions[:, 0]].cpu()
-    weight = balanced_class_weights(originals, int(originals.max()) + 1) if cfg.class_weights == "balanced" else None
+    weight = class_weights(cfg.class_weights, originals, int(originals.max()) + 1)
+    if cfg.class_weights == "auto" and world.main:
+        counts = torch.bincount(originals)
+        _log.info("class_weights auto: %s (largest class %d images, smallest %d)",
+                  "balanced" if weight is not None else "none", counts.max(), counts.min())
     opt = make_optimizer(hooks.param_groups if hooks.param_groups is not None else model.parameters(), cfg)
     sched, sched_when = make_scheduler(opt, cfg, steps)
     # fp16's narrow range underflows small gradients; the scaler keeps them representable.

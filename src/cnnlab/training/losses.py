@@ -32,6 +32,22 @@ def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tens
     return len(labels) / (num_classes * counts)
 
 
+# `class_weights: auto` weighs the classes once the largest has this many times the smallest's
+# images: below it, weights mostly add noise to the loss; above it, an unweighted loss lets the
+# net neglect the small classes (macro-F1 and per-class recall in evaluate show whether it helped).
+AUTO_IMBALANCE = 2.0
+
+
+def class_weights(rule: str, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The loss's per-class weights for ``rule`` ("none", "balanced", "auto") on these training
+    labels (one per original image): None for an unweighted loss. "auto" is "balanced" when the
+    largest class has at least `AUTO_IMBALANCE` times the smallest's images, else "none"."""
+    if rule == "auto":
+        counts = torch.bincount(labels, minlength=num_classes)
+        rule = "balanced" if counts.max() >= AUTO_IMBALANCE * counts.min().clamp(min=1) else "none"
+    return balanced_class_weights(labels, num_classes) if rule == "balanced" else None
+
+
 def make_criterion(cfg: FitParams, weight: torch.Tensor | None) -> nn.Module:
     if cfg.loss == "focal":
         return FocalLoss(cfg.focal_gamma, weight)
