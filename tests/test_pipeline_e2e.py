@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 from pathlib import Path
@@ -150,10 +149,10 @@ def read_metrics_files(ws: Path, files: tuple[str, ...] = METRICS_FILES) -> dict
 
 
 # Fields of the compared outputs that legitimately differ between two runs, named so that nothing
-# else is let off. History: epoch_seconds is wall-clock time. registry.json: a forced re-run trains
-# new MLflow runs, which get new version numbers. The DVC metrics files have none: their writers
-# keep timings out of them (cnnlab.training.outputs.record_variant; evaluate's _dvc_metrics).
-RUN_DEPENDENT = {"history.csv": ("epoch_seconds",), "data/registry.json": ("champion_version", "versions")}
+# else is let off. registry.json: a forced re-run trains new MLflow runs, which get new version
+# numbers. The DVC metrics files and the histories (committed to git) have none: their writers keep
+# timings out of them (cnnlab.training.outputs; evaluate's _dvc_metrics); timings go to MLflow.
+RUN_DEPENDENT = {"data/registry.json": ("champion_version", "versions")}
 
 
 def read_outputs(ws: Path) -> dict[str, object]:
@@ -166,11 +165,9 @@ def read_outputs(ws: Path) -> dict[str, object]:
         assert files, folder
         out.update({f.relative_to(ws).as_posix(): f.read_bytes() for f in files})
     for variant in VARIANTS:
-        with open(ws / f"data/plots/{variant}/history.csv", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        assert rows and set(RUN_DEPENDENT["history.csv"]) <= set(rows[0]), variant  # still there to drop
-        out[f"data/plots/{variant}/history.csv"] = [
-            {k: v for k, v in row.items() if k not in RUN_DEPENDENT["history.csv"]} for row in rows]
+        history = ws / f"data/plots/{variant}/history.csv"
+        assert history.read_text().count("\n") > 1, variant
+        out[history.relative_to(ws).as_posix()] = history.read_bytes()
     registry = json.loads((ws / "data/registry.json").read_text())
     out["data/registry.json"] = {k: v for k, v in registry.items() if k not in RUN_DEPENDENT["data/registry.json"]}
     return out

@@ -17,7 +17,9 @@ from cnnlab.models.classifier import ModelSpec, save_classifier
 from cnnlab.training.curves import plot_history
 from cnnlab.training.engine import FitResult
 
-HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
+# Committed to git as DVC plot data (dvc.yaml: cache: false), so what the params and data decide
+# only: a re-run writes the same bytes. Each epoch's seconds are in the run's MLflow metrics.
+HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ def record_variant(
     and the model folder (``classifier/``: spec.json, weights.pt). Returns (DVC metrics, timings)."""
     model.to("cpu").to(memory_format=torch.contiguous_format)
     save_classifier(model, spec, out.model_dir)
-    write_csv(out.history, HISTORY_FIELDS, result.history)
+    write_csv(out.history, HISTORY_FIELDS, ({k: row[k] for k in HISTORY_FIELDS} for row in result.history))
     plot_history(result.history, out.curves, title=title, best_epoch=result.best_epoch)
     # The DVC metrics hold only what the params and data determine, so a re-run on the same
     # machine reproduces the file byte for byte; timings go to MLflow only.
