@@ -234,11 +234,13 @@ def _hand_gradient(loss_fn, train: TrainSet) -> list[torch.Tensor]:
 
 
 def _one_step(train: TrainSet, val: TensorSet, **options) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(weights before, weights after) one optimizer step on one batch holding the whole set."""
+    """(weights before, weights after) one optimizer step on one batch holding the whole set; the
+    loss is unweighted unless ``options`` set class_weights (the set is imbalanced on purpose)."""
     m = model()
     before = [p.detach().clone() for p in m.parameters()]
     cfg = fit_params(**{**FAST, "epochs": 1, "batch_size": len(train), "optimizer": "sgd", "momentum": 0.0,
-                         "weight_decay": 0.0, "scheduler": "none", "lr": 0.5, "device": "cpu", **options})
+                         "weight_decay": 0.0, "scheduler": "none", "lr": 0.5, "device": "cpu",
+                         "class_weights": "none", **options})
     fit(m, train, val, cfg, seed=0)
     return before, [p.detach() for p in m.parameters()]
 
@@ -361,7 +363,8 @@ def test_second_step_carries_momentum_and_weight_decay(optimizer: str):
         after[int(row["epoch"])] = [p.detach().clone() for p in m.parameters()]
 
     cfg = fit_params(**{**FAST, "epochs": 2, "batch_size": len(train), "optimizer": optimizer, "lr": lr,
-                         "momentum": mom, "weight_decay": wd, "scheduler": "none", "device": "cpu"})
+                         "momentum": mom, "weight_decay": wd, "scheduler": "none", "device": "cpu",
+                         "class_weights": "none"})  # the hand rule's loss is unweighted
     fit(m, train, val, cfg, seed=0, hooks=Hooks(on_epoch=on_epoch))
     w1, w2 = after[1], after[2]
     g0, g1 = _gradient_at(w0, train), _gradient_at(w1, train)
