@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -74,7 +75,7 @@ def variant_run(args: argparse.Namespace, params: Params, kind: str) -> tuple[Va
     from cnnlab.training.outputs import TrainOutputs
     from cnnlab.tracking.run_params import run_params
 
-    variants = params.resolved_variants()
+    variants = resolve_auto_sizes(params.resolved_variants(), Path(args.split), say=args.variant)
     v = variants.get(args.variant)
     if v is None or v.kind != kind:
         have = ", ".join(n for n, o in variants.items() if o.kind == kind) or "none"
@@ -84,6 +85,21 @@ def variant_run(args: argparse.Namespace, params: Params, kind: str) -> tuple[Va
     run = VariantRun(name=v.name, kind=kind, stage=v.stage, seed=params.base.seed, experiment=params.base.experiment,
                      logged_params=run_params(v, variants, params.base.seed), out=out)
     return run, v.settings
+
+
+def resolve_auto_sizes(variants: dict[str, Any], split_dir: Path, *, say: str) -> dict[str, Any]:
+    """The variants with ``image_size: auto`` replaced by what the data report chose, so that the
+    stage trains, and MLflow logs, the size used; said on stderr for variant ``say``."""
+    from cnnlab.data.split import resolve_image_size
+
+    out = {}
+    for name, v in variants.items():
+        s = v.settings
+        if getattr(s, "image_size", None) == "auto":
+            size = resolve_image_size("auto", split_dir, v.kind, quiet=name != say)
+            s = s.model_copy(update={"image_size": size})
+        out[name] = dataclasses.replace(v, settings=s)
+    return out
 
 
 def print_result(result: VariantResult | None) -> None:

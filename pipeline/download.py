@@ -17,7 +17,11 @@ from cnnlab.stages.download import download
 def main() -> None:
     args, params = parse(__doc__, "out")
     info = download(Path(args.out), params.download)
+    skipped = info.pop("skipped", {})
     print(json.dumps(info, indent=2))
+    for kind, paths in skipped.items():  # all of them are in source.json and the split's report
+        more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+        print(f"skipped ({kind.replace('_', ' ')}): {', '.join(paths[:3])}{more}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from _common import parse, run
@@ -16,10 +15,9 @@ from cnnlab.stages.split import split
 
 def main() -> None:
     args, params = parse(__doc__, "raw", "out", "metrics")
-    summary = split(Path(args.raw), Path(args.out), Path(args.metrics), params.split, seed=params.base.seed)
-    print(json.dumps(summary, indent=2))
-    if summary["quarantined"]:
-        print(f"{summary['quarantined']} file(s) quarantined: see {Path(args.out) / 'quarantine.csv'}")
+    split(Path(args.raw), Path(args.out), Path(args.metrics), params.split, seed=params.base.seed)
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    print(f"(also {Path(args.out) / 'report.json'}; the numbers in {args.metrics})")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from cnnlab.config import SplitParams
 from cnnlab.data.folders import LayoutError, scan_image_folder
 from cnnlab.data.idx import IdxFormatError
 from cnnlab.data.images import IMAGE_EXTENSIONS
+from cnnlab.data.report import metrics
 from cnnlab.data.split import SplitError, read_manifest, run_split, stratified_split
 from conftest import make_image_folder
 
@@ -70,10 +71,10 @@ def test_scan_finds_classes_official_splits_and_unwraps_folders(tmp_path: Path):
     make_image_folder(root / "train", {"pizza": 3, "steak": 2})
     make_image_folder(root / "test", {"pizza": 1, "steak": 1})
     (root / "train" / "pizza" / "notes.txt").write_text("not an image")
-    classes, items, skipped = scan_image_folder(tmp_path / "wrap", IMAGE_EXTENSIONS)
+    classes, items, walk = scan_image_folder(tmp_path / "wrap", IMAGE_EXTENSIONS)
     assert classes == ["pizza", "steak"]
     assert sorted({it.official_split for it in items}) == ["test", "train"]
-    assert len(items) == 7 and skipped == 1
+    assert len(items) == 7 and walk.stray == ["train/pizza/notes.txt"]
 
 
 def test_scan_refuses_a_single_class(tmp_path: Path):
@@ -106,7 +107,7 @@ def test_run_split_quarantines_bad_files_and_keeps_going(tmp_path: Path):
     out = tmp_path / "split"
     cfg = SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=None, max_val_per_class=None,
                       max_test_per_class=None, max_image_pixels=10_000, max_side=None, color_mode="auto")
-    summary = run_split(raw, out, cfg, seed=0)
+    summary = metrics(run_split(raw, out, cfg, seed=0))
     q = _quarantine(out)
     assert set(q) == {f"images/cat/{n}" for n in ("empty.jpg", "text.jpg", "cut.png", "huge.png")}
     assert q["images/cat/empty.jpg"] == "empty file"
@@ -135,8 +136,8 @@ def test_manifest_sources_and_quarantine_are_posix_paths_on_windows_too(
     raw = _raw_folder(tmp_path)
     (raw / "images" / "cat" / "empty.jpg").write_bytes(b"")
 
-    def scan_as_on_windows(*args):
-        classes, items, skipped = scan_image_folder(*args)
+    def scan_as_on_windows(*args, **kwargs):
+        classes, items, skipped = scan_image_folder(*args, **kwargs)
         return classes, [dataclasses.replace(it, path=_WindowsRelative(it.path)) for it in items], skipped
 
     monkeypatch.setattr(cnnlab.data.split, "scan_image_folder", scan_as_on_windows)
@@ -153,7 +154,7 @@ def test_run_split_from_idx_keeps_labels_with_images(tiny_idx: Path, tmp_path: P
     out = tmp_path / "split"
     cfg = SplitParams(val_fraction=0.25, test_fraction=0.15, max_train_per_class=5, max_val_per_class=2,
                       max_test_per_class=4, max_image_pixels=10_000, max_side=None, color_mode="rgb")
-    summary = run_split(tiny_idx, out, cfg, seed=3)
+    summary = metrics(run_split(tiny_idx, out, cfg, seed=3))
     assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (50, 20, 40)
     for split in ("train", "val", "test"):
         for r in read_manifest(out, split):
@@ -200,7 +201,7 @@ def test_color_mode_grey_turns_rgb_sources_into_one_channel_luma(tmp_path: Path)
     out = tmp_path / "split"
     cfg = SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=None, max_val_per_class=None,
                       max_test_per_class=None, max_image_pixels=10**6, max_side=None, color_mode="grey")
-    summary = run_split(raw, out, cfg, seed=0)
+    summary = metrics(run_split(raw, out, cfg, seed=0))
     assert summary["color_mode"] == "L"
     assert json.loads((out / "preprocess.json").read_text())["color_mode"] == "L"
     rows = [r for s in ("train", "val", "test") for r in read_manifest(out, s)]

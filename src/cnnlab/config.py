@@ -7,6 +7,7 @@ work, with a message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class DownloadParams(_Section):
     url: str | None = None
     sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
     local_dir: str = "data/local"
+    follow_outside_links: bool = False
     max_download_bytes: Annotated[int, Field(ge=1)] = 2 * 1024**3
     max_extracted_bytes: Annotated[int, Field(ge=1)] = 8 * 1024**3
     max_members: Annotated[int, Field(ge=1)] = 500_000
@@ -76,6 +78,16 @@ class DownloadParams(_Section):
             if not re.match(r"https?://[^\s/]", url):
                 raise ValueError(f"{url!r} is not an http(s) URL; give the URL of a folder holding the four files")
         return urls
+
+    @field_validator("local_dir")
+    @classmethod
+    def _no_tilde(cls, value: str) -> str:
+        if value.startswith("~"):
+            raise ValueError(
+                f"{value!r}: DVC does not expand '~' (it would look for a folder named '~' in the repository); "
+                f"write the full path, e.g. {os.path.expanduser(value)!r}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _url_needs_checksum(self) -> DownloadParams:
@@ -197,7 +209,7 @@ class ScratchParams(FitParams):
 
     arch: Annotated[str, Field(min_length=1)] = "simple_cnn"
     arch_kwargs: dict[str, int | float | str | bool | list[int | str]] = {}
-    image_size: Annotated[int, Field(ge=8, le=1024)] = 28
+    image_size: Literal["auto"] | Annotated[int, Field(ge=8, le=1024)] = "auto"
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     train_data: TrainData = "original"
     on_the_fly: bool = False
@@ -222,7 +234,7 @@ class FeatureExtractParams(_Section):
     backbone: Annotated[str, Field(min_length=1)] = "efficientnet_lite0"
     train_data: TrainData = "original"
     weights: str | None = "default"
-    image_size: Annotated[int, Field(ge=16, le=1024)] = 128
+    image_size: Literal["auto"] | Annotated[int, Field(ge=16, le=1024)] = "auto"
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     head_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     head_hidden: Positive | None = None

@@ -11,7 +11,7 @@ from cnnlab.stages.scratch import scratch
 from cnnlab.stages.variant import VariantRun
 from cnnlab.training.outputs import TrainOutputs
 
-TINY = ScratchParams(epochs=2, batch_size=16, early_stopping_patience=None, arch="tinyvgg",
+TINY = ScratchParams(epochs=2, batch_size=16, early_stopping_patience=None, arch="tinyvgg", image_size=28,
                      arch_kwargs={"hidden_units": 4})
 SPLIT = SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=6, max_val_per_class=3,
                     max_test_per_class=2, max_image_pixels=10_000, max_side=None, color_mode="auto")

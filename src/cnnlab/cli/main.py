@@ -5,6 +5,9 @@ no server, the same model `mlflow models serve` would load. Exit status: 0 when 
 classified, 1 when any file failed (each gets its own error line; the rest are still
 classified), 2 for a usage problem or a model that cannot be loaded.
 
+``inspect PATH [--params PATH] [--json]`` prints the data report of a folder or an archive
+(`cnnlab.cli.inspect`) without touching ``data/``.
+
 ``doctor [--params PATH] [--json]`` says what this machine is and what each stage resolves to on
 it (`cnnlab.cli.doctor`); exit status 1 when something the default run needs is missing.
 
@@ -81,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="params file to resolve (default: ./params.yaml)")
     doctor.add_argument("--json", action="store_true", help="print the facts as one JSON object")
     doctor.set_defaults(run=_run_doctor)
+    inspect = commands.add_parser(
+        "inspect",
+        help="report on a folder or archive of images before any run",
+        description="The data report the split stage writes (images per class and split, sizes and "
+        "formats, duplicates, conflicting labels, leakage, what was skipped and why, what image_size: auto "
+        "picks, how finely the test split can rank models), for a folder or an archive, writing nothing "
+        "under data/.",
+        epilog="Exit status: 0 report printed, 2 the path cannot be used (the message says why).",
+    )
+    inspect.add_argument("path", type=Path, metavar="PATH", help="folder of <class>/<image> or a .zip/.tar(.gz)")
+    inspect.add_argument("--params", type=Path, default=PARAMS_FILE, metavar="PATH",
+                         help="split settings and seed from this file (default: ./params.yaml, else the defaults)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--follow-outside-links", action="store_true",
+                         help="follow links that lead out of the folder (download.follow_outside_links)")
+    inspect.set_defaults(run=_run_inspect)
     return parser
 
 
@@ -116,6 +135,12 @@ def _run_doctor(args: argparse.Namespace) -> int:
     from cnnlab.cli.doctor import run  # torch and MLflow: not for --help
 
     return run(args.params, as_json=args.json)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from cnnlab.cli.inspect import run
+
+    return run(args.path, args.params, as_json=args.json, follow_outside=args.follow_outside_links)
 
 
 def _positive_int(text: str) -> int:

@@ -73,7 +73,12 @@ def _decode(fp: BinaryIO, path: Path, max_pixels: int) -> Image.Image:
                 im.load()  # decode every pixel now so truncation surfaces here
                 decoding = False
                 # exif_transpose always returns a new image, so the result is detached from fp.
-                return _normalize(ImageOps.exif_transpose(im))
+                upright = ImageOps.exif_transpose(im)
+                out = _normalize(upright)
+                # What the file was, for the data report (the pixels are all the rest needs).
+                out.info = {"source_format": im.format, "source_mode": im.mode,
+                            "rotated": upright.size != im.size or im.getexif().get(0x0112, 1) not in (0, 1)}
+                return out
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

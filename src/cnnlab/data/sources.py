@@ -23,7 +23,10 @@ from typing import Any
 from cnnlab.data.archive import safe_extract
 from cnnlab.data.fetch import ChecksumError, DownloadError, download
 from cnnlab.data.idx import FASHION_MNIST_FILES, IdxFormatError, payload_md5
+from cnnlab.data.images import IMAGE_EXTENSIONS
+from cnnlab.data.walk import walk_images
 from cnnlab.utils.files import staged_dir, write_json
+from cnnlab.utils.progress import progress
 
 
 class SourceError(RuntimeError):
@@ -127,32 +130,47 @@ def fetch_url_archive(
             max_compression_ratio=max_compression_ratio,
         )
         info = {"source": "url", "format": "image_folder", "url": url, "sha256": sha256.lower(),
-                "archive": f"archive/{name}"}
+                "archive": f"archive/{name}", "skipped": drop_stray_files(tmp / "images")}
         _write_manifest(tmp, info)
     return info
 
 
-def copy_local_folder(dest: Path, *, folder: Path) -> dict[str, Any]:
-    """Snapshot a local ImageFolder tree so later stages never read outside the pipeline."""
+def copy_local_folder(dest: Path, *, folder: Path, follow_outside: bool = False) -> dict[str, Any]:
+    """Snapshot the image files of a local ImageFolder tree, so later stages never read outside the
+    pipeline. The walk is `cnnlab.data.walk.walk_images`: loops are not followed, links out of the
+    folder only with ``follow_outside``, and stray files are listed in ``source.json``, not copied."""
     if not folder.is_dir():
         raise SourceError(
             f"download.local_dir = {str(folder)!r} is not a folder; point it at a folder laid out as "
             "<class>/<image> (or train/<class>/<image> + test/<class>/<image>)"
         )
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "README.md"]
-    if not entries:
+    walk = walk_images(folder, IMAGE_EXTENSIONS, follow_outside=follow_outside)
+    if not walk.files:
         raise SourceError(
-            f"download.local_dir = {str(folder)!r} is empty; put one sub-folder of images per class in it"
+            f"download.local_dir = {str(folder)!r} holds no image file ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "put one sub-folder of images per class in it"
         )
     with staged_dir(dest) as tmp:
-        # symlinks=False copies what links point at, so the snapshot holds no links out of the tree.
-        shutil.copytree(
-            folder, tmp / "images", symlinks=False,
-            ignore=shutil.ignore_patterns(".*", "__MACOSX", "README.md"),
-        )
-        info = {"source": "local", "format": "image_folder", "path": str(folder)}
+        for path in progress(walk.files, desc="copy images"):
+            target = tmp / "images" / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(path, target)  # the bytes: a link inside the folder becomes a plain file
+            except OSError as e:
+                raise SourceError(f"{path}: cannot be read ({e.strerror}); fix its permissions or move it "
+                                  f"out of {folder}") from None
+        info = {"source": "local", "format": "image_folder", "path": str(folder), "skipped": walk.skipped()}
         _write_manifest(tmp, info)
     return info
+
+
+def drop_stray_files(images: Path) -> dict[str, list[str]]:
+    """Delete what is not a candidate image from an extracted tree; returns what was skipped, by kind
+    (extracted archives hold no links: `safe_extract` never materializes them)."""
+    walk = walk_images(images, IMAGE_EXTENSIONS)
+    for rel in walk.stray:
+        (images / rel).unlink()
+    return walk.skipped()
 
 
 def read_source_info(raw_dir: Path) -> dict[str, Any]:

@@ -6,6 +6,8 @@ Output folder (``data/split``)::
     train.csv  val.csv  test.csv        manifests: path (relative to the folder), label, class, source
     classes.json                        class names; a label is an index into this list
     quarantine.csv                      file, reason: every image that could not be used
+    report.json  report.md              the data report (`cnnlab.data.report`): counts, sizes,
+                                        duplicates, conflicts, leakage, what auto resolves to
 
 Paths in the CSVs use '/' on every OS, so the outputs (and the keys later stages match on) are
 the same wherever the stage ran. Later stages read only these normalized PNGs, so no untrusted
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,13 @@ import numpy as np
 from PIL import Image
 
 from cnnlab.config import SplitParams
+from cnnlab.data.duplicates import (
+    drop_repeats,
+    exact_groups,
+    near_groups,
+    pixel_digest,
+    thumbnail,
+)
 from cnnlab.data.folders import scan_image_folder
 from cnnlab.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
 from cnnlab.data.images import (
@@ -33,9 +45,19 @@ from cnnlab.data.images import (
     downscale,
     load_image,
 )
+from cnnlab.data.report import (
+    auto_image_size,
+    imbalance,
+    markdown,
+    size_summary,
+    test_resolution,
+)
 from cnnlab.data.sources import read_source_info
-from cnnlab.utils.files import staged_dir, write_csv, write_json
+from cnnlab.data.walk import merge_skipped
+from cnnlab.utils.files import atomic_write_text, staged_dir, write_csv, write_json
 from cnnlab.utils.progress import progress
+
+_log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ("path", "label", "class", "source")
@@ -89,6 +111,24 @@ def stratified_split(
     return {s: np.sort(np.concatenate(picks[s])) for s in SPLITS}
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What verifying one image learned about it, for the report and the duplicate checks."""
+
+    size: tuple[int, int]  # upright width, height
+    mode: str  # "L" or "RGB", as decoded (`cnnlab.data.images.load_image`)
+    kind: str  # the file's format and mode, e.g. "JPEG CMYK"
+    rotated: bool  # turned upright from EXIF
+    digest: str  # of the decoded pixels (`cnnlab.data.duplicates.pixel_digest`)
+    thumb: bytes  # for near-duplicate search
+
+
+def _facts(image: Image.Image, kind: str | None = None) -> Facts:
+    info = image.info
+    return Facts(image.size, image.mode, kind or f"{info.get('source_format')} {info.get('source_mode')}",
+                 bool(info.get("rotated")), pixel_digest(image), thumbnail(image))
+
+
 @dataclass
 class _Dataset:
     classes: list[str]
@@ -97,9 +137,20 @@ class _Dataset:
     names: list[str]  # output file stem, unique within a class
     sources: list[str]  # where each item came from, for the manifest
     load: Callable[[int], Image.Image]
-    grey: bool  # every usable image is single-channel
+    facts: list[Facts]
     quarantine: list[tuple[str, str]]
-    skipped: int
+    skipped: dict[str, list[str]]
+
+    def without(self, drop: set[int], reason: Callable[[int], str]) -> _Dataset:
+        """The same data less the items in ``drop``, which join the quarantine with ``reason(i)``."""
+        keep = np.array([i for i in range(len(self.labels)) if i not in drop], dtype=np.int64)
+        load = self.load
+        return _Dataset(
+            classes=self.classes, labels=self.labels[keep], official=[self.official[i] for i in keep],
+            names=[self.names[i] for i in keep], sources=[self.sources[i] for i in keep],
+            load=lambda j: load(int(keep[j])), facts=[self.facts[i] for i in keep],
+            quarantine=self.quarantine + [(self.sources[i], reason(i)) for i in sorted(drop)], skipped=self.skipped,
+        )
 
 
 def _from_idx(raw_dir: Path) -> _Dataset:
@@ -112,26 +163,29 @@ def _from_idx(raw_dir: Path) -> _Dataset:
     return _Dataset(
         classes=list(FASHION_MNIST_CLASSES), labels=labels, official=official, names=names,
         sources=[f"idx/{'train' if n.startswith('train') else 't10k'}-images-idx3-ubyte.gz#{int(n[-5:])}" for n in names],
-        load=lambda i: Image.fromarray(images[i], mode="L"), grey=True, quarantine=[], skipped=0,
+        load=lambda i: Image.fromarray(images[i], mode="L"),
+        facts=[_facts(Image.fromarray(im, mode="L"), "IDX L") for im in progress(images, desc="hash images")],
+        quarantine=[], skipped={},
     )
 
 
-def _from_folder(raw_dir: Path, *, max_pixels: int) -> _Dataset:
-    root = raw_dir / "images"
-    classes, items, skipped = scan_image_folder(root, IMAGE_EXTENSIONS)
+def _from_folder(root: Path, base: Path, *, max_pixels: int, follow_outside: bool = False,
+                 skipped: dict[str, list[str]] | None = None) -> _Dataset:
+    """The images under ``root``; paths in the manifests and the report are relative to ``base``."""
+    classes, items, walk = scan_image_folder(root, IMAGE_EXTENSIONS, follow_outside=follow_outside)
 
-    def check(path: Path) -> str:
+    def check(path: Path) -> Facts | str:
         try:
-            return load_image(path, max_pixels=max_pixels).mode
+            return _facts(load_image(path, max_pixels=max_pixels))
         except ImageDecodeError as exc:
-            return f"!{exc.reason}"
+            return exc.reason
 
     # Sequential on purpose: load_image scopes a warnings filter, and warning filters are
     # process-global state that threads would race on.
-    modes = [check(it.path) for it in progress(items, desc="verify images")]
-    good = [(it, m) for it, m in zip(items, modes, strict=True) if not m.startswith("!")]
-    quarantine = [(it.path.relative_to(raw_dir).as_posix(), m[1:])
-                  for it, m in zip(items, modes, strict=True) if m.startswith("!")]
+    facts = [check(it.path) for it in progress(items, desc="verify images")]
+    good = [(it, f) for it, f in zip(items, facts, strict=True) if isinstance(f, Facts)]
+    quarantine = [(it.path.relative_to(base).as_posix(), f)
+                  for it, f in zip(items, facts, strict=True) if isinstance(f, str)]
     index = {c: i for i, c in enumerate(classes)}
     paths = [it.path for it, _ in good]
     return _Dataset(
@@ -140,12 +194,25 @@ def _from_folder(raw_dir: Path, *, max_pixels: int) -> _Dataset:
         official=[it.official_split for it, _ in good],
         # Two official splits may hold files of the same name, so the split goes into the name.
         names=[f"{it.official_split}-{it.stem}" if it.official_split else it.stem for it, _ in good],
-        sources=[p.relative_to(raw_dir).as_posix() for p in paths],
+        sources=[p.relative_to(base).as_posix() for p in paths],
         load=lambda i: load_image(paths[i], max_pixels=max_pixels),
-        grey=all(m == "L" for _, m in good),
+        facts=[f for _, f in good],
         quarantine=quarantine,
-        skipped=skipped,
+        skipped=merge_skipped(skipped, walk.skipped()),
     )
+
+
+def _drop_conflicts(ds: _Dataset) -> tuple[_Dataset, list[list[str]]]:
+    """Quarantine every copy of an image that appears under two classes: one label is wrong, and
+    nothing here can tell which."""
+    conflicts = [g for g in exact_groups([f.digest for f in ds.facts]) if len(set(ds.labels[g].tolist())) > 1]
+    if not conflicts:
+        return ds, []
+    classes_of = {i: sorted({ds.classes[ds.labels[j]] for j in g}) for g in conflicts for i in g}
+    files = [[ds.sources[i] for i in g] for g in conflicts]
+    drop = {i for g in conflicts for i in g}
+    return ds.without(drop, lambda i: "conflicting labels: the same image is under " + ", ".join(
+        repr(c) for c in classes_of[i])), files
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -154,19 +221,80 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def run_split(raw_dir: Path, out_dir: Path, cfg: SplitParams, *, seed: int) -> dict:
-    """Verify, split and write ``out_dir`` (see the module docstring); returns counts for metrics."""
+def _report(ds: _Dataset, picks: dict[str, np.ndarray], mode: str, conflicts: list[list[str]],
+            dropped: list[tuple[int, str, int, str]], source: str) -> dict:
+    split_of = {int(i): s for s in SPLITS for i in picks[s]}
+    counts = {s: {c: int((ds.labels[picks[s]] == k).sum()) for k, c in enumerate(ds.classes)} for s in SPLITS}
+    used = sorted(split_of)
+    duplicates: dict[int, dict] = {}
+    leakage = []
+    for i, split, kept, kept_split in dropped:
+        if split == kept_split:
+            duplicates.setdefault(kept, {"kept": ds.sources[kept], "split": split, "dropped": []})["dropped"].append(
+                ds.sources[i])
+        else:
+            leakage.append({"dropped": ds.sources[i], "dropped_split": split,
+                            "kept": ds.sources[kept], "kept_split": kept_split})
+    near = near_groups([ds.facts[i].thumb for i in used], [ds.facts[i].digest for i in used])
+    return {
+        "source": source,
+        "classes": ds.classes,
+        "color_mode": mode,
+        "counts": counts,
+        "imbalance": {"all": imbalance({c: sum(counts[s][c] for s in SPLITS) for c in ds.classes}),
+                      **{s: imbalance(counts[s]) for s in SPLITS}},
+        "sizes": size_summary([ds.facts[i].size for i in used]),
+        "formats": dict(Counter(ds.facts[i].kind for i in used).most_common()),
+        "rotated": sum(ds.facts[i].rotated for i in used),
+        "image_size_auto": auto_image_size([min(ds.facts[i].size) for i in used]),
+        "duplicates": list(duplicates.values()),
+        "conflicts": [{"files": f} for f in conflicts],
+        "leakage": leakage,
+        "near_duplicates": [{"files": [ds.sources[used[j]] for j in g], "splits": [split_of[used[j]] for j in g]}
+                            for g in near],
+        "quarantined": [{"file": f, "reason": r} for f, r in sorted(ds.quarantine)],
+        "skipped": ds.skipped,
+        "test_resolution": test_resolution(len(picks["test"])),
+    }
+
+
+def prepare_split(raw_dir: Path, cfg: SplitParams, *, seed: int) -> tuple[_Dataset, dict[str, np.ndarray], dict]:
+    """Verify, de-duplicate and split what the download stage put in ``raw_dir``, writing nothing:
+    the dataset, the picks per split and the data report (`cnnlab.data.report`)."""
     info = read_source_info(raw_dir)
     if info["format"] == "idx":
         ds = _from_idx(raw_dir)
     else:
-        ds = _from_folder(raw_dir, max_pixels=cfg.max_image_pixels)
-    mode = {"grey": "L", "rgb": "RGB"}.get(cfg.color_mode, "L" if ds.grey else "RGB")
+        ds = _from_folder(raw_dir / "images", raw_dir, max_pixels=cfg.max_image_pixels,
+                          skipped=info.get("skipped"))
+    return _split(ds, cfg, seed=seed, source=info.get("path") or info.get("url") or info["source"])
+
+
+def inspect_folder(folder: Path, cfg: SplitParams, *, seed: int, follow_outside: bool = False,
+                   source: str | None = None) -> dict:
+    """The data report of a folder as the pipeline would split it, writing nothing (paths in it are
+    relative to ``folder``)."""
+    ds = _from_folder(folder, folder, max_pixels=cfg.max_image_pixels, follow_outside=follow_outside)
+    return _split(ds, cfg, seed=seed, source=source or str(folder))[2]
+
+
+def _split(ds: _Dataset, cfg: SplitParams, *, seed: int, source: str) -> tuple[_Dataset, dict[str, np.ndarray], dict]:
+    ds, conflicts = _drop_conflicts(ds)
+    grey = all(f.mode == "L" for f in ds.facts)
+    mode = {"grey": "L", "rgb": "RGB"}.get(cfg.color_mode, "L" if grey else "RGB")
     picks = stratified_split(
         ds.labels, ds.official, seed=seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         caps={"train": cfg.max_train_per_class, "val": cfg.max_val_per_class, "test": cfg.max_test_per_class},
         class_names=ds.classes,
     )
+    picks, dropped = drop_repeats(picks, [f.digest for f in ds.facts], SPLITS)
+    return ds, picks, _report(ds, picks, mode, conflicts, dropped, source)
+
+
+def run_split(raw_dir: Path, out_dir: Path, cfg: SplitParams, *, seed: int) -> dict:
+    """Verify, split and write ``out_dir`` (see the module docstring); returns the data report."""
+    ds, picks, report = prepare_split(raw_dir, cfg, seed=seed)
+    mode = report["color_mode"]
 
     def render(i: int) -> bytes:
         return _png_bytes(downscale(convert_mode(ds.load(i), mode), cfg.max_side))
@@ -188,16 +316,30 @@ def run_split(raw_dir: Path, out_dir: Path, cfg: SplitParams, *, seed: int) -> d
         # Serving repeats these steps on raw uploads, so a served image gets the pixels this split gave.
         write_json(tmp / "preprocess.json", {"color_mode": mode, "max_side": cfg.max_side,
                                              "max_image_pixels": cfg.max_image_pixels})
-        write_csv(tmp / "quarantine.csv", ("file", "reason"),
-                  ({"file": f, "reason": r} for f, r in sorted(ds.quarantine)))
-        summary = {
-            "classes": len(ds.classes),
-            "color_mode": mode,
-            **{f"{s}_images": len(picks[s]) for s in SPLITS},
-            "quarantined": len(ds.quarantine),
-            "skipped_non_images": ds.skipped,
-        }
-    return summary
+        write_csv(tmp / "quarantine.csv", ("file", "reason"), report["quarantined"])
+        write_json(tmp / "report.json", report)
+        atomic_write_text(tmp / "report.md", markdown(report) + "\n")
+    return report
+
+
+def split_report(split_dir: Path) -> dict:
+    """The data report `run_split` wrote (``report.json``)."""
+    path = split_dir / "report.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: run the split stage first (`dvc repro split`)") from None
+
+
+def resolve_image_size(image_size: int | str, split_dir: Path, kind: str, *, quiet: bool = False) -> int:
+    """``image_size`` itself, or for "auto" what the data report chose for ``kind`` (said on stderr
+    unless ``quiet``)."""
+    if image_size != "auto":
+        return int(image_size)
+    size = int(split_report(split_dir)["image_size_auto"][kind])
+    if not quiet:
+        _log.info("%s image_size: auto -> %d px (%s, `image_size_auto`)", kind, size, split_dir / "report.json")
+    return size
 
 
 def read_manifest(split_dir: Path, split: str) -> list[dict]:

@@ -23,4 +23,4 @@ def download(out: Path, cfg: DownloadParams) -> dict[str, Any]:
         return fetch_url_archive(out, url=cfg.url, sha256=cfg.sha256, max_bytes=cfg.max_download_bytes,
                                  max_extracted_bytes=cfg.max_extracted_bytes, max_members=cfg.max_members,
                                  max_compression_ratio=cfg.max_compression_ratio, timeout_s=cfg.timeout_s)
-    return copy_local_folder(out, folder=Path(cfg.local_dir))
+    return copy_local_folder(out, folder=Path(cfg.local_dir), follow_outside=cfg.follow_outside_links)

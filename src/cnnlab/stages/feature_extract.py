@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from cnnlab.config import FeatureExtractParams
+from cnnlab.data.split import resolve_image_size
 from cnnlab.data.tensors import (
     TensorSet,
     TrainSet,
@@ -45,7 +46,7 @@ def backbone_spec(split_dir: Path, cfg: FeatureExtractParams) -> ModelSpec:
     if mode == "L":
         mean, std = [sum(mean) / 3], [sum(std) / 3]
     return ModelSpec(kind="pretrained", arch=cfg.backbone, classes=split_classes(split_dir), mode=mode,
-                     image_size=cfg.image_size, mean=mean, std=std,
+                     image_size=resolve_image_size(cfg.image_size, split_dir, "feature_extract"), mean=mean, std=std,
                      kwargs={"dropout": cfg.head_dropout, "hidden": cfg.head_hidden, "weights": cfg.weights})
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from cnnlab.config import AugmentParams, ScratchParams
+from cnnlab.data.split import resolve_image_size
 from cnnlab.data.tensors import load_split, load_train, split_classes, split_mode
 from cnnlab.utils.files import files_digest
 from cnnlab.models.classifier import ModelSpec, build_classifier
@@ -29,6 +30,7 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 def scratch(v: VariantRun, cfg: ScratchParams, *, split_dir: Path, augmented_dir: Path) -> VariantResult | None:
     """Train variant ``v`` from scratch; None on torchrun ranks other than 0 (rank 0 writes)."""
     augmented = augmented_dir if cfg.train_data == "augmented" else None
+    cfg = cfg.model_copy(update={"image_size": resolve_image_size(cfg.image_size, split_dir, "scratch")})
 
     def prepare(rt: Runtime, world: World) -> Plan:
         mode, classes = split_mode(split_dir), split_classes(split_dir)

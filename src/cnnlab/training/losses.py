@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.config import FitParams
+from cnnlab.data.report import AUTO_IMBALANCE
 
 
 class FocalLoss(nn.Module):
@@ -32,10 +33,10 @@ def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tens
     return len(labels) / (num_classes * counts)
 
 
-# `class_weights: auto` weighs the classes once the largest has this many times the smallest's
-# images: below it, weights mostly add noise to the loss; above it, an unweighted loss lets the
-# net neglect the small classes (macro-F1 and per-class recall in evaluate show whether it helped).
-AUTO_IMBALANCE = 2.0
+# `class_weights: auto` weighs the classes once the largest has AUTO_IMBALANCE times the smallest's
+# images (the data report says whether it will): below it, weights mostly add noise to the loss;
+# above it, an unweighted loss lets the net neglect the small classes (macro-F1 and per-class
+# recall in evaluate show whether it helped).
 
 
 def class_weights(rule: str, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
