@@ -123,8 +123,7 @@ def walk_images(root: Path, extensions: frozenset[str], *, follow_outside: bool 
             take(entry)
     out.files.sort()
     # A walked folder with no candidate below it; the outermost name says it all.
-    full = {f.relative_to(root).as_posix() for f in out.files}
-    skip = {*out.unreadable, "."}
-    empty = [d for d in walked if d not in skip and not any(f.startswith(d + "/") for f in full)]
+    holding = {p.as_posix() for f in out.files for p in f.relative_to(root).parents}
+    empty = [d for d in walked if d not in holding and d not in out.unreadable]
     out.empty_dirs = sorted(d for d in empty if not any(d.startswith(e + "/") for e in empty))
     return out
