@@ -75,7 +75,8 @@ def test_local_source_with_bad_images_quarantines_them(tmp_path: Path):
     (ws / "data/local/cats/broken.jpg").write_bytes(b"")
     result = _dvc(ws, "repro", "split")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 file(s) quarantined" in result.stdout
+    # The stage prints the data report: the count up top, the file and the reason below.
+    assert "; 1 quarantined." in result.stdout and "images/cats/broken.jpg: empty file" in result.stdout
     quarantine = (ws / "data/split/quarantine.csv").read_text()
     assert "images/cats/broken.jpg,empty file" in quarantine
     # DVC watches the local folder: adding an image re-runs download and split.
