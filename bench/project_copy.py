@@ -8,6 +8,7 @@ its real pipeline (`dvc repro`, `dvc exp`, `mlflow run`) where they cannot touch
 
 from __future__ import annotations
 
+import configparser
 import os
 import shutil
 import subprocess
@@ -47,14 +48,22 @@ def copy_project(dest: Path, params: Mapping, *, names: Iterable[str] = PROJECT,
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=False))
+    # The checkout's cache settings (links, docs/data.md), as a clone of it would have them.
+    cache_type = ["dvc", "config", "cache.type", _cache_type()]
     steps = ([["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-              ["git", "add", "-A"], ["git", "commit", "-q", "-m", "project"]] if git
-             else [["dvc", "init", "--no-scm", "-q"]])
+              cache_type, ["git", "add", "-A"], ["git", "commit", "-q", "-m", "project"]] if git
+             else [["dvc", "init", "--no-scm", "-q"], cache_type])
     for cmd in steps:
         done = subprocess.run(tool_argv(cmd), cwd=dest, env=tool_env(dest), capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} in {dest}: {done.stdout}{done.stderr}")
     return dest
+
+
+def _cache_type() -> str:
+    config = configparser.ConfigParser()
+    config.read(REPO / ".dvc" / "config")
+    return config.get("cache", "type", fallback="copy").strip('"')
 
 
 def tool_env(ws: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -61,7 +61,7 @@ import torch
 from PIL import Image
 
 from cnnlab.cli.predict import default_model_uri
-from cnnlab.data.split import read_manifest
+from cnnlab.data.shards import iter_images
 from cnnlab.tracking.runs import tracking_uri
 
 # The machine helper of the sibling benchmark (bench/ is on sys.path when a script there runs).
@@ -89,8 +89,7 @@ def note(msg: str) -> None:
 def load_images(split_dir: Path, n: int) -> tuple[list[bytes], str]:
     """The first ``n`` test images as encoded bytes, and where they came from."""
     if (split_dir / "test.csv").is_file():
-        rows = read_manifest(split_dir, "test")[:n]
-        images = [Path(r["path"]).read_bytes() for r in rows]
+        images = list(iter_images(split_dir, "test", limit=n))
         with Image.open(io.BytesIO(images[0])) as im:
             first = f"{im.format} {im.mode} {im.size[0]}x{im.size[1]}"
         return images, f"{len(images)} images from {split_dir / 'test.csv'} (first: {first})"

@@ -11,7 +11,8 @@ weights), the same 2,000 training images, the same batch size and the same numbe
 are trained, side by side in one process, by:
 
 * baseline, num_workers=0: the lessons' way. ``torchvision.datasets.ImageFolder`` on
-  ``data/split/images/train`` + per-sample PIL transforms (Grayscale(1) for grey data,
+  the split's training images written out as
+  ``<class>/<name>`` files + per-sample PIL transforms (Grayscale(1) for grey data,
   ToTensor, Normalize) + ``DataLoader(batch_size=64, shuffle=True, num_workers=0)`` + a plain
   fp32 loop (Adam, CrossEntropyLoss, ``loss.item()`` and an accuracy count every batch).
 * baseline, num_workers=2: the same with two loader processes (a fairer baseline where worker
@@ -52,12 +53,15 @@ This is a benchmark to run by hand: it prints figures and asserts nothing about 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +75,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
 from cnnlab.config import ConfigError, ScratchParams, load_params
-from cnnlab.data.split import read_manifest
+from cnnlab.data.shards import iter_images, read_manifest
+from cnnlab.data.split import resolve_image_size
 from cnnlab.data.tensors import TensorSet, TrainSet, load_split, load_train, split_classes, split_mode
 from cnnlab.training.engine import fit
 from cnnlab.training.hardware import cpu_features, resolve_runtime
@@ -255,6 +260,15 @@ def engine_params(params_path: Path, arch: str, epochs: int, batch_size: int) ->
 # --------------------------------------------------------------------------------------- main
 
 
+def export_image_folder(split_dir: Path, split: str, dest: Path) -> Path:
+    """``dest/<class>/<name>.<format>``: the split's stored images as files, the lessons' layout."""
+    for row, data in zip(read_manifest(split_dir, split), iter_images(split_dir, split), strict=True):
+        path = dest / f"{row['key']}.{row['format']}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return dest
+
+
 def note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -286,18 +300,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 1 or args.repeats < 1:
         ap.error("--epochs and --repeats must be >= 1")
     split_dir: Path = args.split_dir
-    train_dir, val_dir = split_dir / "images" / "train", split_dir / "images" / "val"
-    if not (split_dir / "train.csv").exists() or not (split_dir / "val.csv").exists() or not train_dir.is_dir():
-        note(f"{split_dir}: no split found (train.csv, val.csv, images/train). Create it first with "
+    if not (split_dir / "train.csv").exists() or not (split_dir / "val.csv").exists():
+        note(f"{split_dir}: no split found (train.csv, val.csv). Create it first with "
              "`dvc repro split` (or `make repro`), from the repository root.")
         return 2
+    # The lessons' loop reads an ImageFolder: the split's images, written out as files once.
+    folders = Path(tempfile.mkdtemp(prefix="cnnlab-imagefolder-"))
+    atexit.register(shutil.rmtree, folders, ignore_errors=True)
+    train_dir, val_dir = (export_image_folder(split_dir, s, folders / s) for s in ("train", "val"))
     try:
         params = load_params(args.params)
     except ConfigError as exc:
         note(str(exc))
         return 2
     seed = params.base.seed if args.seed is None else args.seed
-    size = params.scratch.image_size
+    size = resolve_image_size(params.scratch.image_size, split_dir, "scratch")
 
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     busy0, total0 = cpu_jiffies()
@@ -324,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     in_channels = 1 if mode == "L" else 3
 
     # Same data: the ImageFolder's files are exactly the manifest's training images.
-    folder_files = {str(Path(p).resolve()) for p, _ in datasets.ImageFolder(str(train_dir)).samples}
-    manifest_files = {str(Path(r["path"]).resolve()) for r in read_manifest(split_dir, "train")}
+    folder_files = {Path(p).relative_to(train_dir).with_suffix("").as_posix()
+                    for p, _ in datasets.ImageFolder(str(train_dir)).samples}
+    manifest_files = {r["key"] for r in read_manifest(split_dir, "train")}
     same_data = "yes" if folder_files == manifest_files else (
         f"NO ({len(folder_files)} files in the folder, {len(manifest_files)} in train.csv)")
 

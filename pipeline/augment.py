@@ -8,14 +8,16 @@ from pathlib import Path
 from _common import parse, run
 
 from cnnlab.data.augment import build_policy
-from cnnlab.stages.augment import augment
+from cnnlab.stages.augment import augment, copies_size
 
 
 def main() -> None:
     args, params = parse(__doc__, "split", "out", "preview", "metrics")
-    print(f"policy: {build_policy(params.augment)}")
+    size = copies_size(params.augment, params.scratch.image_size, Path(args.split))
+    print(f"policy: {build_policy(params.augment)}\ncopies at {size} px (augment.image_size: "
+          f"{params.augment.image_size})")
     summary = augment(Path(args.split), Path(args.out), Path(args.preview), Path(args.metrics), params.augment,
-                      seed=params.base.seed)
+                      seed=params.base.seed, size=size)
     print(json.dumps(summary, indent=2))
 
 

@@ -1,5 +1,7 @@
 import csv
 import hashlib
+import io
+import re
 from pathlib import Path, PureWindowsPath
 
 import pytest
@@ -10,8 +12,11 @@ import cnnlab.data.augment
 import cnnlab.data.tensors
 from cnnlab.config import AugmentParams, SplitParams
 from cnnlab.data.augment import augment_image, build_policy, preview_picks, run_augment
-from cnnlab.data.split import read_manifest, run_split
+from cnnlab.data.shards import iter_images, read_manifest
+from cnnlab.data.split import run_split
 from cnnlab.data.tensors import load_train
+
+SIZE = 28  # the tiny split's images: the copies are made at this input size
 
 
 @pytest.fixture
@@ -33,16 +38,18 @@ def _digest(folder: Path) -> str:
 
 def test_copies_manifest_and_preview(split_dir: Path, tmp_path: Path):
     out, preview = tmp_path / "aug", tmp_path / "plots" / "preview.png"
-    summary = run_augment(split_dir, out, preview, AugmentParams(copies=2, preview_images=4), seed=1)
-    assert summary == {"originals": 30, "copies_per_image": 2, "augmented_images": 60}
+    summary = run_augment(split_dir, out, preview, AugmentParams(copies=2, preview_images=4), seed=1, size=SIZE)
+    assert summary == {"originals": 30, "copies_per_image": 2, "augmented_images": 60, "image_size": SIZE}
     rows = read_manifest(out, "train")
     assert len(rows) == 60
-    originals = {r["path"]: r for r in read_manifest(split_dir, "train")}
-    for r in rows:
-        src = originals[str(split_dir / r["source"])]
+    originals = {r["key"]: r for r in read_manifest(split_dir, "train")}
+    for i, (r, data) in enumerate(zip(rows, iter_images(out, "train"), strict=True)):
+        src = originals[r["source"]]  # the original's key in the split's train.csv
+        assert r["key"] == f"{src['key']}-aug{i % 2}"
         assert (r["label"], r["class"]) == (src["label"], src["class"])  # labels travel with copies
-        with Image.open(r["path"]) as im:
-            assert im.size == (28, 28) and im.mode == "L"
+        assert r["format"] == "png"
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.format == "PNG" and im.size == (SIZE, SIZE) and im.mode == "L"
     with Image.open(preview) as im:
         assert im.format == "PNG" and im.size[0] > 200
 
@@ -50,7 +57,7 @@ def test_copies_manifest_and_preview(split_dir: Path, tmp_path: Path):
 def test_same_seed_same_bytes_other_seed_other_bytes(split_dir: Path, tmp_path: Path):
     policy = AugmentParams(copies=2, preview_images=2)
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        run_augment(split_dir, tmp_path / name, tmp_path / f"{name}.png", policy, seed=seed)
+        run_augment(split_dir, tmp_path / name, tmp_path / f"{name}.png", policy, seed=seed, size=SIZE)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
@@ -61,36 +68,47 @@ def _column(csv_file: Path, name: str) -> list[str]:
         return [row[name] for row in csv.DictReader(fh)]
 
 
-def test_sources_are_posix_paths_on_windows_too(split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_sources_are_posix_keys_on_windows_too(split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # What pathlib.Path is on Windows: the same parts, joined by str() with backslashes.
     monkeypatch.setattr(cnnlab.data.augment, "Path", PureWindowsPath)
     run_augment(split_dir, tmp_path / "aug", tmp_path / "preview.png", AugmentParams(copies=2, preview_images=2),
-                seed=1)
+                seed=1, size=SIZE)
     sources = _column(tmp_path / "aug" / "train.csv", "source")
-    assert not any("\\" in s for s in sources)
-    # the split's `path` column: POSIX, relative to the split folder
-    assert sources == [p for p in _column(split_dir / "train.csv", "path") for _ in range(2)]
+    keys = _column(tmp_path / "aug" / "train.csv", "key")
+    assert sources and not any("\\" in s for s in sources + keys)
+    # the split's `key` column: `<class>/<name>` with '/'
+    split_keys = _column(split_dir / "train.csv", "key")
+    assert all(k.count("/") == 1 for k in split_keys)
+    assert sources == [k for k in split_keys for _ in range(2)]
+    assert keys == [f"{k}-aug{c}" for k in split_keys for c in range(2)]
 
 
 def test_train_set_finds_copies_by_posix_source_on_windows_too(
     split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     run_augment(split_dir, tmp_path / "aug", tmp_path / "preview.png", AugmentParams(copies=2, preview_images=2),
-                seed=1)
+                seed=1, size=SIZE)
     monkeypatch.setattr(cnnlab.data.tensors, "Path", PureWindowsPath)  # as on Windows
-    data = load_train(split_dir, tmp_path / "aug", mode="L", size=28)
+    data = load_train(split_dir, tmp_path / "aug", mode="L", size=SIZE)
     assert data.versions.tolist() == [[i, 30 + 2 * i, 31 + 2 * i] for i in range(30)]
 
 
 def test_train_set_refuses_backslash_sources_with_what_to_do(split_dir: Path, tmp_path: Path):
+    """A source written with backslashes (as an older cnnlab wrote paths on Windows) is refused, not
+    normalized: on Linux and macOS a backslash may be part of a class or file name."""
     aug = tmp_path / "aug"
-    run_augment(split_dir, aug, tmp_path / "preview.png", AugmentParams(copies=1, preview_images=2), seed=1)
+    run_augment(split_dir, aug, tmp_path / "preview.png", AugmentParams(copies=1, preview_images=2), seed=1,
+                size=SIZE)
     text = (aug / "train.csv").read_text(encoding="utf-8")
     first = _column(aug / "train.csv", "source")[0]
-    (aug / "train.csv").write_text(text.replace(first, first.replace("/", "\\"), 1), encoding="utf-8")
-    refused = r"train.csv row 2: source 'images\\\\train.*has backslashes.*dvc repro augment"
+    windows = first.replace("/", "\\")
+    # the first row's source only (its key starts with the same text: replace after the key's comma)
+    (aug / "train.csv").write_text(text.replace(f",{first},", f",{windows},", 1), encoding="utf-8")
+    assert _column(aug / "train.csv", "source")[0] == windows
+    refused = (r"train.csv row 2 refers to " + re.escape(repr(windows))
+               + r", which is not in .*train.csv: the augment stage is out of date, run `dvc repro`")
     with pytest.raises(ValueError, match=refused):
-        load_train(split_dir, aug, mode="L", size=28)
+        load_train(split_dir, aug, mode="L", size=SIZE)
 
 
 def test_copies_actually_differ_from_the_original():
@@ -122,3 +140,19 @@ def test_preview_covers_every_class_first():
     picks = preview_picks(labels, 3, seed=0)
     assert sorted(labels[i] for i in picks) == [0, 1, 2]
     assert len(preview_picks(labels, 100, seed=0)) == len(labels)
+
+
+def test_copies_are_made_at_augment_image_size_and_auto_is_scratch_s(split_dir: Path):
+    from cnnlab.stages.augment import copies_size
+
+    assert copies_size(AugmentParams(image_size=40), "auto", split_dir) == 40
+    assert copies_size(AugmentParams(), 36, split_dir) == 36
+    assert copies_size(AugmentParams(), "auto", split_dir) == 28  # the tiny split's native size
+
+
+def test_a_variant_that_reads_larger_copies_says_what_to_set(split_dir: Path, tmp_path: Path):
+    run_augment(split_dir, tmp_path / "aug", tmp_path / "p.png", AugmentParams(copies=1, preview_images=1), seed=0,
+                size=20)
+    assert len(load_train(split_dir, tmp_path / "aug", mode="L", size=16).images) == 60  # smaller: resized down
+    with pytest.raises(ValueError, match=r"copies made at 20 px, smaller than the 28 px .* augment\.image_size: 28"):
+        load_train(split_dir, tmp_path / "aug", mode="L", size=28)

@@ -16,7 +16,8 @@ from PIL import Image
 
 from cnnlab.config import SplitParams
 from cnnlab.data.preprocess import prepare
-from cnnlab.data.split import read_manifest, run_split
+from cnnlab.data.shards import iter_images, read_manifest
+from cnnlab.data.split import run_split
 from cnnlab.models.classifier import load_classifier
 from cnnlab.training import engine
 from cnnlab.training.engine import predict_logits
@@ -67,15 +68,16 @@ def test_grey_split_trains_a_one_channel_model_that_serves_colour_uploads(
     assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FINISHED"
 
     # The served model gets the original colour photos: it must make them the grey the split
-    # made, so its answers equal the saved model's on the split's own grey PNGs.
+    # made, so its answers equal the saved model's on the split's own stored grey images.
     rows = read_manifest(grey_split, "test")
     colour = [(grey_split.parent / "raw" / r["source"]).read_bytes() for r in rows]
     with Image.open(io.BytesIO(colour[0])) as im:
         assert im.mode == "RGB"
     served = mlflow.pyfunc.load_model(publish_variant(result.run_id, out.model_dir, grey_split)).predict(pd.DataFrame({"image": colour}))
     grey = []
-    for r in rows:
-        with Image.open(r["path"]) as im:
+    for r, data in zip(rows, iter_images(grey_split, "test"), strict=True):
+        assert r["stored"] == "png: RGB -> L", r
+        with Image.open(io.BytesIO(data)) as im:
             assert im.mode == "L"
             grey.append(prepare(im, mode="L", size=spec.image_size))
     probs = torch.softmax(predict_logits(model, torch.stack(grey), batch_size=8, device=torch.device("cpu")), 1)

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import use_mlflow_store
+from cnnlab.data.shards import ShardWriter
 from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
 from cnnlab.tracking.model_registry import Candidate, RegistryError, choose_champion, read_candidate, register_variants
 from cnnlab.serving.pyfunc import log_classifier
@@ -45,9 +46,10 @@ def log_variant(root: Path, variant: str, val_accuracy: float) -> Candidate:
     (model_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "val_accuracy": val_accuracy}))
     (root / "metrics").mkdir(exist_ok=True)
     split = root / "split"  # what the register stage reads for the served model's input example
-    (split / "images").mkdir(parents=True, exist_ok=True)
-    (split / "images" / "a.png").write_bytes(_png(1))
-    (split / "val.csv").write_text("path,label,class,source\nimages/a.png,0,0,a.png\n")
+    split.mkdir(exist_ok=True)
+    shards = ShardWriter(split, "val", CLASSES)
+    shards.add(_png(1), key="0/a", label=0, cls=CLASSES[0], source="a.png", fmt="png", stored="original")
+    shards.close()
     return dataclasses.replace(read_candidate(variant, model_dir, None), model_uri=info.model_uri)
 
 

@@ -1,5 +1,6 @@
 import csv
 import dataclasses
+import io
 import json
 import shutil
 from pathlib import Path, PureWindowsPath
@@ -14,7 +15,8 @@ from cnnlab.data.folders import LayoutError, scan_image_folder
 from cnnlab.data.idx import IdxFormatError
 from cnnlab.data.images import IMAGE_EXTENSIONS
 from cnnlab.data.report import metrics
-from cnnlab.data.split import SplitError, read_manifest, run_split, stratified_split
+from cnnlab.data.shards import iter_images, read_manifest
+from cnnlab.data.split import SplitError, run_split, stratified_split
 from conftest import make_image_folder
 
 NAMES = ["a", "b", "c"]
@@ -90,6 +92,11 @@ def _raw_folder(tmp_path: Path) -> Path:
     return raw
 
 
+def _stored(out: Path, *splits: str) -> list[tuple[dict, bytes]]:
+    """Each manifest row of ``splits`` with its image's stored bytes."""
+    return [pair for s in splits for pair in zip(read_manifest(out, s), iter_images(out, s), strict=True)]
+
+
 def _quarantine(out: Path) -> dict[str, str]:
     with open(out / "quarantine.csv", newline="") as fh:
         return {r["file"]: r["reason"] for r in csv.DictReader(fh)}
@@ -115,11 +122,14 @@ def test_run_split_quarantines_bad_files_and_keeps_going(tmp_path: Path):
     assert summary["quarantined"] == 4
     # the huge image was RGB, but it is quarantined, so the usable data is all grey
     assert summary["color_mode"] == "L"
-    rows = [r for s in ("train", "val", "test") for r in read_manifest(out, s)]
-    assert len(rows) == 24 and summary["train_images"] + summary["val_images"] + summary["test_images"] == 24
-    for r in rows:
-        with Image.open(r["path"]) as im:
+    stored = _stored(out, "train", "val", "test")
+    assert len(stored) == 24 and summary["train_images"] + summary["val_images"] + summary["test_images"] == 24
+    for r, data in stored:
+        with Image.open(io.BytesIO(data)) as im:
             assert im.mode == "L" and im.size == (24, 20)
+        # a grey PNG in a grey split needs no change: the file's own bytes are stored
+        assert (r["stored"], r["format"]) == ("original", "png"), r
+        assert data == (raw / r["source"]).read_bytes(), r
     assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]
 
 
@@ -146,8 +156,11 @@ def test_manifest_sources_and_quarantine_are_posix_paths_on_windows_too(
                       max_test_per_class=None, max_image_pixels=10_000, max_side=None, color_mode="auto")
     run_split(raw, out, cfg, seed=0)
     assert list(_quarantine(out)) == ["images/cat/empty.jpg"]
-    sources = sorted(r["source"] for s in ("train", "val", "test") for r in read_manifest(out, s))
-    assert sources == sorted(f"images/{c}/{i:03d}.png" for c in ("cat", "dog") for i in range(12))
+    rows = [r for s in ("train", "val", "test") for r in read_manifest(out, s)]
+    assert sorted(r["source"] for r in rows) == sorted(f"images/{c}/{i:03d}.png" for c in ("cat", "dog")
+                                                        for i in range(12))
+    # keys: `<class>/<name>` with "/" (the name: the path under the class folder, flattened)
+    assert sorted(r["key"] for r in rows) == sorted(f"{c}/{i:03d}_png" for c in ("cat", "dog") for i in range(12))
 
 
 def test_run_split_from_idx_keeps_labels_with_images(tiny_idx: Path, tmp_path: Path):
@@ -157,12 +170,13 @@ def test_run_split_from_idx_keeps_labels_with_images(tiny_idx: Path, tmp_path: P
     summary = metrics(run_split(tiny_idx, out, cfg, seed=3))
     assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (50, 20, 40)
     for split in ("train", "val", "test"):
-        for r in read_manifest(out, split):
-            with Image.open(r["path"]) as im:
-                assert im.mode == "RGB"
+        for r, data in _stored(out, split):
+            with Image.open(io.BytesIO(data)) as im:
+                assert im.mode == "RGB" and im.format == "PNG"
                 # the fixture made class c's pixels 20*c .. 20*c+9
                 assert int(np.asarray(im).min()) // 20 == r["label"]
             assert ("t10k" in r["source"]) == (split == "test")
+            assert (r["format"], r["stored"]) == ("png", "png: from IDX L")
 
 
 def test_run_split_is_deterministic_and_a_failure_keeps_the_old_output(tiny_idx: Path, tmp_path: Path):
@@ -170,7 +184,7 @@ def test_run_split_is_deterministic_and_a_failure_keeps_the_old_output(tiny_idx:
                       max_test_per_class=4, max_image_pixels=10_000, max_side=None, color_mode="auto")
     run_split(tiny_idx, tmp_path / "a", cfg, seed=3)
     run_split(tiny_idx, tmp_path / "b", cfg, seed=3)
-    for name in ("train.csv", "val.csv", "test.csv"):
+    for name in ("train.csv", "val.csv", "test.csv", "shards.json"):  # shards.json: each shard's sha256
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     before = (tmp_path / "a" / "train.csv").read_bytes()
     (tiny_idx / "idx" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"broken")
@@ -188,8 +202,10 @@ def test_max_side_downscales_big_images(tmp_path: Path):
     cfg = SplitParams(val_fraction=0.2, test_fraction=0.2, max_train_per_class=None, max_val_per_class=None,
                       max_test_per_class=None, max_image_pixels=10**6, max_side=50, color_mode="auto")
     run_split(raw, out, cfg, seed=0)
-    with Image.open(read_manifest(out, "train")[0]["path"]) as im:
+    (r, data), *_ = _stored(out, "train")
+    with Image.open(io.BytesIO(data)) as im:
         assert im.size == (50, 25) and im.mode == "RGB"
+    assert (r["format"], r["stored"]) == ("png", "png: downscaled from 200x100")
 
 
 def test_color_mode_grey_turns_rgb_sources_into_one_channel_luma(tmp_path: Path):
@@ -204,12 +220,13 @@ def test_color_mode_grey_turns_rgb_sources_into_one_channel_luma(tmp_path: Path)
     summary = metrics(run_split(raw, out, cfg, seed=0))
     assert summary["color_mode"] == "L"
     assert json.loads((out / "preprocess.json").read_text())["color_mode"] == "L"
-    rows = [r for s in ("train", "val", "test") for r in read_manifest(out, s)]
-    assert len(rows) == 12
-    for r in rows:
+    stored = _stored(out, "train", "val", "test")
+    assert len(stored) == 12
+    for r, data in stored:
         v = 40 * r["label"] + int(Path(r["source"]).stem)
         luma = 0.299 * v + 0.587 * (255 - v) + 0.114 * 100
-        with Image.open(r["path"]) as im:
+        with Image.open(io.BytesIO(data)) as im:
             assert im.mode == "L" and im.size == (10, 8)
             pixels = np.asarray(im)
-        assert np.abs(pixels.astype(float) - luma).max() <= 1.0, (r["path"], luma, np.unique(pixels))
+        assert np.abs(pixels.astype(float) - luma).max() <= 1.0, (r["key"], luma, np.unique(pixels))
+        assert (r["format"], r["stored"]) == ("png", "png: RGB -> L")

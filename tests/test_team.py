@@ -112,8 +112,12 @@ def test_the_pipeline_runs_against_the_team_server_and_the_bucket_is_a_dvc_remot
         champion = client.get_model_version_by_alias(MODEL, "champion")
         assert champion.version == registry["champion_version"]
 
-        # Serving and the predict CLI load the champion through the server.
-        image = next((ws / "data/split/images").rglob("*.png"))
+        # Serving and the predict CLI load the champion through the server: a stored test image as a file.
+        from cnnlab.data.shards import iter_images, read_manifest
+
+        row, data = next(zip(read_manifest(ws / "data/split", "test"), iter_images(ws / "data/split", "test")))
+        image = tmp_path / f"stored.{row['format']}"
+        image.write_bytes(data)
         served = _serve_and_classify(ws, client_env, image)
         predicted = run(ws, "python", "-m", "cnnlab", "predict", str(image), "--json", extra_env=client_env)
         assert json.loads(predicted.stdout)["label"] == served["label"]

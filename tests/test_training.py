@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,17 +16,20 @@ from PIL import Image
 
 from cnnlab.config import AugmentParams, ColorJitterParams, RuntimeParams
 from cnnlab.data.augment import run_augment
-from cnnlab.data.split import read_manifest, run_split
+from cnnlab.data.shards import iter_images, read_manifest
+from cnnlab.data.split import run_split
 from cnnlab.data.tensors import TrainSet
 from cnnlab.training import engine
 from helpers.served import publish_variant
 from helpers.variant_runs import SPLIT, TINY, train_scratch
 
+SIZE = TINY.image_size  # the size the augment stage makes its copies at: the variants' input size
+
 @pytest.fixture
 def data_dirs(tiny_idx: Path, tmp_path: Path) -> tuple[Path, Path]:
     split, aug = tmp_path / "split", tmp_path / "aug"
     run_split(tiny_idx, split, SPLIT, seed=0)
-    run_augment(split, aug, tmp_path / "preview.png", AugmentParams(copies=1, preview_images=2), seed=0)
+    run_augment(split, aug, tmp_path / "preview.png", AugmentParams(copies=1, preview_images=2), seed=0, size=SIZE)
     return split, aug
 
 
@@ -52,10 +56,11 @@ def test_train_variant_writes_outputs_and_a_complete_mlflow_run(store: str, data
     assert publish_variant(result.run_id, out.model_dir, split) == uri  # reused, not logged twice
     after = mlflow.MlflowClient().get_run(result.run_id)
     assert after.info.status == "FINISHED" and after.data.tags["params_hash"] == run.data.tags["params_hash"]
-    # the logged model serves the raw PNG bytes of a validation image
+    # the logged model serves the stored PNG bytes of a validation image
     model = mlflow.pyfunc.load_model(uri)
-    rows = read_manifest(split, "val")[:3]
-    pred = model.predict(pd.DataFrame({"image": [Path(r["path"]).read_bytes() for r in rows]}))
+    images = list(iter_images(split, "val", limit=3))
+    assert len(images) == 3
+    pred = model.predict(pd.DataFrame({"image": images}))
     assert list(pred.columns[:3]) == ["label", "label_id", "confidence"] and len(pred) == 3
 
 
@@ -68,11 +73,11 @@ def test_same_params_same_metrics_file(store: str, data_dirs, tmp_path: Path):
     assert json.loads(a.metrics.read_text()) != json.loads(c.metrics.read_text())
 
 
-def _decoded(paths: list[str]) -> torch.Tensor:
-    """PNG files as (N, 1, 28, 28) uint8, decoded here with PIL (the tiny split is grey, 28 px)."""
+def _decoded(images: list[bytes]) -> torch.Tensor:
+    """Stored PNGs as (N, 1, 28, 28) uint8, decoded here with PIL (the tiny split is grey, 28 px)."""
     out = []
-    for path in paths:
-        with Image.open(path) as im:
+    for data in images:
+        with Image.open(io.BytesIO(data)) as im:
             out.append(torch.from_numpy(np.array(im))[None])
     return torch.stack(out)
 
@@ -121,9 +126,10 @@ def test_each_variant_trains_on_the_data_it_names(store: str, data_dirs, tmp_pat
     on the fly: the originals, augmented afresh by the stored policy for every batch."""
     split, aug = data_dirs
     rows = read_manifest(split, "train")
-    originals = _decoded([r["path"] for r in rows])
+    originals = _decoded(list(iter_images(split, "train")))
     labels = torch.tensor([r["label"] for r in rows])
-    copies = {r["source"]: r for r in read_manifest(aug, "train")}
+    # each original's copy (one per image), by the original's key
+    copies = {r["source"]: data for r, data in zip(read_manifest(aug, "train"), iter_images(aug, "train"), strict=True)}
     n = len(rows)
     assert n == 60  # 6 per class
 
@@ -146,8 +152,8 @@ def test_each_variant_trains_on_the_data_it_names(store: str, data_dirs, tmp_pat
     versions = regularized.train.versions
     assert versions.shape == (n, 2) and torch.equal(versions[:, 0], torch.arange(n))
     assert torch.equal(regularized.train.images[versions[:, 0]], originals)
-    sources = [Path(r["path"]).relative_to(split).as_posix() for r in rows]
-    stored = _decoded([copies[s]["path"] for s in sources])
+    assert len(copies) == n
+    stored = _decoded([copies[r["key"]] for r in rows])
     assert torch.equal(regularized.train.images[versions[:, 1]], stored)
     assert torch.equal(regularized.train.labels[versions[:, 1]], labels)
     assert not torch.equal(stored, originals)
@@ -179,8 +185,8 @@ def test_on_the_fly_feeds_the_stored_policy_s_transform_of_each_original(
     run_split(tiny_idx, split, SPLIT, seed=0)
     turn = AugmentParams(hflip=1.0, vflip=1.0, rotation=0.0, translate=0.0, scale=[1.0, 1.0], shear=0.0,
                          color_jitter=ColorJitterParams(), random_erasing=0.0, copies=1, preview_images=2)
-    run_augment(split, aug, tmp_path / "preview.png", turn, seed=0)
-    originals = _decoded([r["path"] for r in read_manifest(split, "train")])
+    run_augment(split, aug, tmp_path / "preview.png", turn, seed=0, size=SIZE)
+    originals = _decoded(list(iter_images(split, "train")))
     turned = originals.flip(-1, -2)
     assert not set(_rows(turned)) & set(_rows(originals))  # so a fed original cannot pass for a turned one
 
@@ -217,6 +223,9 @@ def test_a_precision_the_device_cannot_run_is_refused_before_any_run(store: str,
 
 def test_stale_augment_output_is_a_clear_error(store: str, data_dirs, tmp_path: Path):
     split, aug = data_dirs
-    (aug / "train.csv").write_text("path,label,class,source\nimages/x.png,0,a,images/train/nope.png\n")
+    # a copy of an image the split no longer has (the manifest's fields as the augment stage writes them)
+    shard = json.loads((aug / "shards.json").read_text())["train"][0]["file"]
+    (aug / "train.csv").write_text("key,label,class,source,shard,row,format,stored\n"
+                                   f"a/nope-aug0,0,a,a/nope,{shard},0,png,augmented\n")
     with pytest.raises(ValueError, match="augment stage is out of date"):
         train_scratch(split, aug, tmp_path / "x")

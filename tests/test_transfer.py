@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cnnlab.data.split import read_manifest
+from cnnlab.data.shards import iter_images
 from helpers.served import publish_variant
 from helpers.variant_runs import FX, extract_features
 
@@ -31,8 +31,9 @@ def test_features_once_head_trained_model_serves_raw_images(split_dir: Path, tmp
     assert run.info.status == "FINISHED" and run.data.tags["variant"] == "feature_extract"
     assert json.loads(out.metrics.read_text())["epochs_run"] == 5
     model = mlflow.pyfunc.load_model(publish_variant(result.run_id, out.model_dir, split_dir))
-    rows = read_manifest(split_dir, "val")[:4]
-    pred = model.predict(pd.DataFrame({"image": [Path(r["path"]).read_bytes() for r in rows]}))
+    images = list(iter_images(split_dir, "val", limit=4))  # the stored images' bytes, as an upload's
+    assert len(images) == 4
+    pred = model.predict(pd.DataFrame({"image": images}))
     assert len(pred) == 4 and pred["probabilities"].map(lambda p: abs(sum(p.values()) - 1) < 1e-6).all()
 
 
@@ -78,7 +79,8 @@ def test_with_augmented_copies_the_head_trains_on_their_cached_features_too(spli
 
     caplog.set_level(logging.INFO, logger="cnnlab")
     aug = tmp_path / "aug"
-    run_augment(split_dir, aug, tmp_path / "preview.png", AugmentParams(copies=2, preview_images=2), seed=0)
+    run_augment(split_dir, aug, tmp_path / "preview.png", AugmentParams(copies=2, preview_images=2), seed=0,
+                size=FX.image_size)
     seen = {}
     real_fit = stage.fit
 
@@ -97,9 +99,9 @@ def test_with_augmented_copies_the_head_trains_on_their_cached_features_too(spli
     caplog.clear()
     extract_features(split_dir, tmp_path / "a", augmented=aug)  # everything reused, copies included
     assert _reused(caplog) == 4
-    # new pixels under the same file names (another policy): the copies' features are recomputed
+    # new pixels under the same keys (another policy): the copies' features are recomputed
     run_augment(split_dir, aug, tmp_path / "preview.png", AugmentParams(rotation=90.0, copies=2, preview_images=2),
-                seed=0)
+                seed=0, size=FX.image_size)
     caplog.clear()
     again, _ = extract_features(split_dir, tmp_path / "a", augmented=aug)
     assert _reused(caplog) == 3 and again.timing["extract_images_per_second"] > 0

@@ -141,6 +141,7 @@ class AugmentParams(_Section):
     auto_augment: Literal["none", "trivial_augment_wide", "auto_augment", "rand_augment"] = "none"
     random_erasing: Probability = 0.25
     preview_images: Annotated[int, Field(ge=1, le=64)] = 8
+    image_size: Literal["auto"] | Annotated[int, Field(ge=8, le=1024)] = "auto"
 
     @model_validator(mode="after")
     def _scale_ordered(self) -> AugmentParams:

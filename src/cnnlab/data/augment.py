@@ -4,18 +4,24 @@ Writing the copies to disk (rather than augmenting on the fly) makes the `regula
 training data a DVC output: it is cached, versioned, inspectable, and reused until the policy
 or the split changes.
 
-Output folder (``data/augmented``)::
+The copies are made at the nets' input size (``augment.image_size``), from the decode cache's
+array of the training images at that size: augmenting a 28 or 32 px image is cheap, a 512 px
+photo is not, and the net never sees more than its input size. Images are independent, so the
+work is spread over every core.
 
-    images/<class>/<name>-aug<k>.png    copy k of each training image
-    train.csv                           manifest: path, label, class, source (the original's path)
-    policy.json                         the augment params that made them
+Output folder (``data/augmented``), in the split's layout (`cnnlab.data.shards`)::
 
-plus a preview grid (originals beside their copies) at a path of the caller's choosing. The
-manifest's paths are relative (``source`` to the split folder) and use '/' on every OS.
+    train-<i>-of-<n>.parquet    copy k of each training image as a PNG, key ``<original key>-aug<k>``
+    train.csv  shards.json      manifest (``source``: the original's key in data/split/train.csv)
+    policy.json                 the augment params that made them, ``image_size`` resolved
+
+plus a preview grid (originals beside their copies) at a path of the caller's choosing.
 """
 
 from __future__ import annotations
 
+import io
+import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,9 +34,16 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from cnnlab.config import AugmentParams
-from cnnlab.data.split import MANIFEST_FIELDS, read_manifest
-from cnnlab.utils.files import staged_dir, write_csv, write_json
+from cnnlab.data.decoded import cache_dir, cpu_count, decoded_path, open_array
+from cnnlab.data.shards import ShardWriter, read_manifest
+from cnnlab.data.tensors import split_classes, split_mode
+from cnnlab.utils.files import staged_dir, write_json
 from cnnlab.utils.progress import progress
+
+# Below this many copies one process does it sooner than starting workers (forked: a few ms each;
+# spawned, where fork is missing: each imports torch, ~2 s).
+PARALLEL_MIN = 4_000
+CHUNK = 256  # images per task handed to a worker
 
 _AUTO = {
     "trivial_augment_wide": v2.TrivialAugmentWide,
@@ -63,11 +76,6 @@ def build_policy(p: AugmentParams) -> v2.Compose:
 def copy_seed(seed: int, index: int, copy: int) -> int:
     """Seed for one copy of one image: independent of processing order and of other images."""
     return int(np.random.SeedSequence([seed, index, copy]).generate_state(1)[0])
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    arr = np.array(image)  # a writable copy: torch refuses to share read-only buffers
-    return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
 
 
 def to_image(tensor: torch.Tensor) -> Image.Image:
@@ -118,37 +126,78 @@ def save_preview(path: Path, rows: Sequence[tuple[str, torch.Tensor, list[torch.
     fig.savefig(path, dpi=100)
 
 
-def run_augment(split_dir: Path, out_dir: Path, preview_path: Path, cfg: AugmentParams, *, seed: int) -> dict:
-    """Write ``cfg.copies`` augmented versions of every training image plus a preview grid."""
-    policy, copies, preview_images = build_policy(cfg), cfg.copies, cfg.preview_images
-    rows = read_manifest(split_dir, "train")
-    preview_idx = preview_picks([r["label"] for r in rows], preview_images, seed)
-    preview = []
-    out_rows = []
+def _png(tensor: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    to_image(tensor).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+_WORK: dict = {}
+
+
+def _start_worker(array: Path, mode: str, size: int, cfg: dict, seed: int, copies: int) -> None:
+    torch.set_num_threads(1)  # one image at a time is far too small to split across threads
+    _WORK.update(images=open_array(array, mode=mode, size=size), policy=build_policy(AugmentParams(**cfg)),
+                 seed=seed, copies=copies)
+
+
+def _augment_rows(rows: range) -> list[list[bytes]]:
+    w = _WORK
+    return [[_png(t) for t in augment_image(torch.from_numpy(np.array(w["images"][i])), w["policy"], seed=w["seed"],
+                                            index=i, copies=w["copies"])] for i in rows]
+
+
+def run_augment(split_dir: Path, out_dir: Path, preview_path: Path, cfg: AugmentParams, *, seed: int,
+                size: int) -> dict:
+    """Write ``cfg.copies`` augmented versions of every training image at ``size`` px, plus a preview grid."""
+    mode, rows = split_mode(split_dir), read_manifest(split_dir, "train")
+    array = decoded_path(split_dir, "train", mode=mode, size=size, cache=cache_dir(split_dir))
+    workers = min(cpu_count(), max(1, len(rows) * cfg.copies // PARALLEL_MIN))
+    chunks = [range(a, min(a + CHUNK, len(rows))) for a in range(0, len(rows), CHUNK)]
+    args = (array, mode, size, cfg.model_dump(), seed, cfg.copies)
     threads = torch.get_num_threads()
-    # One image at a time is far too small to split across threads: the threads' hand-offs cost
-    # more than they save.
-    torch.set_num_threads(1)
     try:
         with staged_dir(out_dir) as tmp:
-            for i, row in enumerate(progress(rows, desc="augment")):
-                with Image.open(row["path"]) as im:
-                    original = to_tensor(im)
-                augmented = augment_image(original, policy, seed=seed, index=i, copies=copies)
-                stem = Path(row["path"]).stem
-                (tmp / "images" / row["class"]).mkdir(parents=True, exist_ok=True)
-                for k, tensor in enumerate(augmented):
-                    rel = f"images/{row['class']}/{stem}-aug{k}.png"
-                    to_image(tensor).save(tmp / rel, format="PNG", compress_level=3)
-                    out_rows.append({"path": rel, "label": row["label"], "class": row["class"],
-                                     "source": Path(row["path"]).relative_to(split_dir).as_posix()})
-                if i in preview_idx:
-                    preview.append((row["class"], original, augmented[:6]))
-            write_csv(tmp / "train.csv", MANIFEST_FIELDS, out_rows)
+            shards = ShardWriter(tmp, "train", split_classes(split_dir))
+            if workers > 1:
+                # fork where there is one: the workers start without importing torch again
+                ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+                pool = ctx.Pool(workers, initializer=_start_worker, initargs=args)
+                results = pool.imap(_augment_rows, chunks)
+            else:
+                pool = None
+                _start_worker(*args)
+                results = map(_augment_rows, chunks)
+            try:
+                bar = progress(range(len(rows)), desc=f"augment at {size} px ({workers} processes)")
+                for chunk, pngs in zip(chunks, results, strict=True):
+                    for i, copies in zip(chunk, pngs, strict=True):
+                        row = rows[i]
+                        for k, data in enumerate(copies):
+                            shards.add(data, key=f"{row['key']}-aug{k}", label=row["label"], cls=row["class"],
+                                       source=row["key"], fmt="png", stored="augmented")
+                        next(bar, None)
+            finally:
+                if pool is not None:
+                    pool.terminate()
+            out_rows = shards.close()
             # The policy travels with its copies, so training can augment on the fly with it.
-            write_json(tmp / "policy.json", cfg.model_dump())
+            # The size too: a variant that reads larger images than the copies says so (load_train).
+            write_json(tmp / "policy.json", {**cfg.model_dump(), "image_size": size})
     finally:
         torch.set_num_threads(threads)
-    preview_path.parent.mkdir(parents=True, exist_ok=True)
-    save_preview(preview_path, sorted(preview, key=lambda r: r[0]))
-    return {"originals": len(rows), "copies_per_image": copies, "augmented_images": len(out_rows)}
+    _save_preview_of(preview_path, rows, open_array(array, mode=mode, size=size), cfg, seed=seed)
+    return {"originals": len(rows), "copies_per_image": cfg.copies, "augmented_images": len(out_rows),
+            "image_size": size}
+
+
+def _save_preview_of(path: Path, rows: list[dict], images: np.ndarray, cfg: AugmentParams, *, seed: int) -> None:
+    policy = build_policy(cfg)
+    picks = preview_picks([r["label"] for r in rows], cfg.preview_images, seed)
+    preview = []
+    for i in sorted(picks):
+        original = torch.from_numpy(np.array(images[i]))
+        preview.append((rows[i]["class"], original,
+                        augment_image(original, policy, seed=seed, index=i, copies=cfg.copies)[:6]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_preview(path, sorted(preview, key=lambda r: r[0]))

@@ -52,6 +52,15 @@ def load_image_bytes(data: bytes, *, max_pixels: int, name: str = "<request>") -
     return _decode(io.BytesIO(data), Path(name), max_pixels)
 
 
+def decode_stored(data: bytes) -> Image.Image:
+    """Decode an image the split or augment stage stored (`cnnlab.data.shards`): the same steps as
+    `load_image`, which verified it, without its size check and warnings filter. Those are
+    process-global state, and this runs in threads (Pillow lets go of the GIL while decoding)."""
+    with Image.open(io.BytesIO(data), formats=_FORMATS) as im:
+        im.load()
+        return _normalize(ImageOps.exif_transpose(im))
+
+
 def _decode(fp: BinaryIO, path: Path, max_pixels: int) -> Image.Image:
     if fp.seek(0, 2) == 0:
         raise ImageDecodeError(path, "empty file")

@@ -21,6 +21,11 @@ Mode = Literal["L", "RGB"]
 
 def prepare(image: Image.Image, *, mode: Mode, size: int) -> torch.Tensor:
     """A decoded L/RGB image -> uint8 tensor (C, size, size): shorter side resized, centre crop."""
+    return torch.from_numpy(prepare_array(image, mode=mode, size=size))
+
+
+def prepare_array(image: Image.Image, *, mode: Mode, size: int) -> np.ndarray:
+    """`prepare` as a numpy array (C, size, size), for code that must not need torch."""
     image = convert_mode(image, mode)
     w, h = image.size
     if (w, h) != (size, size):
@@ -30,4 +35,4 @@ def prepare(image: Image.Image, *, mode: Mode, size: int) -> torch.Tensor:
         left, top = (nw - size) // 2, (nh - size) // 2
         image = image.crop((left, top, left + size, top + size))
     arr = np.array(image, dtype=np.uint8)
-    return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))

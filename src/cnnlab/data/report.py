@@ -138,8 +138,14 @@ def markdown(report: dict[str, Any]) -> str:
             "Formats: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items())
             + f"; {report['rotated']} turned upright from EXIF.",
             "`image_size: auto` resolves to " + ", ".join(f"{k} {v} px" for k, v in report["image_size_auto"].items())
-            + " (rule: params.yaml, `scratch.image_size`).", ""]
-    out += ["## Duplicates, conflicting labels, leakage", ""]
+            + " (rule: params.yaml, `scratch.image_size`)."]
+    if "stored" in report:  # the split stage's, once it wrote the shards
+        kinds = Counter()
+        for per_split in report["stored"].values():
+            kinds.update(per_split)
+        out += ["Stored: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+                + " (`original`: the file's own bytes; docs/data.md)."]
+    out += ["", "## Duplicates, conflicting labels, leakage", ""]
     out += ["Exact duplicates within a class (kept once):"]
     out += _listing(report["duplicates"], lambda d: f"kept {d['kept']}, dropped {', '.join(d['dropped'])} ({d['split']})")
     out += ["", "Same image under two classes (quarantined, every copy):"]

@@ -2,21 +2,23 @@
 
 Output folder (``data/split``)::
 
-    images/<split>/<class>/<name>.png   verified, EXIF-upright, 8-bit L or RGB copies
-    train.csv  val.csv  test.csv        manifests: path (relative to the folder), label, class, source
+    <split>-<i>-of-<n>.parquet          the verified images (`cnnlab.data.shards`): a file's own
+                                        bytes when it needs no change, else made upright, converted
+                                        and downscaled, and re-encoded (JPEG from a JPEG, else PNG)
+    train.csv  val.csv  test.csv        manifests: key, label, class, source, shard, row, format, stored
+    shards.json                         each shard's rows, bytes and sha256
     classes.json                        class names; a label is an index into this list
     quarantine.csv                      file, reason: every image that could not be used
     report.json  report.md              the data report (`cnnlab.data.report`): counts, sizes,
                                         duplicates, conflicts, leakage, what auto resolves to
 
-Paths in the CSVs use '/' on every OS, so the outputs (and the keys later stages match on) are
-the same wherever the stage ran. Later stages read only these normalized PNGs, so no untrusted
-file is decoded twice.
+Keys and sources in the CSVs use '/' on every OS, so the outputs (and the keys later stages match
+on) are the same wherever the stage ran. Later stages read only these shards, never the user's
+files, and decode each image once per input size (`cnnlab.data.decoded`).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -52,6 +54,7 @@ from cnnlab.data.report import (
     size_summary,
     test_resolution,
 )
+from cnnlab.data.shards import ShardWriter
 from cnnlab.data.sources import read_source_info
 from cnnlab.data.walk import merge_skipped
 from cnnlab.utils.files import atomic_write_text, staged_dir, write_csv, write_json
@@ -60,7 +63,9 @@ from cnnlab.utils.progress import progress
 _log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MANIFEST_FIELDS = ("path", "label", "class", "source")
+# Files in these formats are stored as they are when their decoded mode is the split's and they
+# need no EXIF rotation or downscale: the same pixels, often a tenth of a PNG's bytes.
+_KEEP_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 
 
 class SplitError(ValueError):
@@ -119,14 +124,16 @@ class Facts:
     mode: str  # "L" or "RGB", as decoded (`cnnlab.data.images.load_image`)
     kind: str  # the file's format and mode, e.g. "JPEG CMYK"
     rotated: bool  # turned upright from EXIF
+    source: tuple[str, str]  # the file's format and mode as Pillow opened it, e.g. ("JPEG", "CMYK")
     digest: str  # of the decoded pixels (`cnnlab.data.duplicates.pixel_digest`)
     thumb: bytes | None  # for the near-duplicate search; None: made from the image when needed
 
 
 def _facts(image: Image.Image, kind: str | None = None, *, thumb: bool = True) -> Facts:
     info = image.info
-    return Facts(image.size, image.mode, kind or f"{info.get('source_format')} {info.get('source_mode')}",
-                 bool(info.get("rotated")), pixel_digest(image), thumbnail(image) if thumb else None)
+    source = (str(info.get("source_format")), str(info.get("source_mode")))
+    return Facts(image.size, image.mode, kind or " ".join(source), bool(info.get("rotated")), source,
+                 pixel_digest(image), thumbnail(image) if thumb else None)
 
 
 @dataclass
@@ -137,6 +144,7 @@ class _Dataset:
     names: list[str]  # output file stem, unique within a class
     sources: list[str]  # where each item came from, for the manifest
     load: Callable[[int], Image.Image]
+    read: Callable[[int], bytes] | None  # the file's own bytes (None: not from files)
     facts: list[Facts]
     quarantine: list[tuple[str, str]]
     skipped: dict[str, list[str]]
@@ -144,11 +152,11 @@ class _Dataset:
     def without(self, drop: set[int], reason: Callable[[int], str]) -> _Dataset:
         """The same data less the items in ``drop``, which join the quarantine with ``reason(i)``."""
         keep = np.array([i for i in range(len(self.labels)) if i not in drop], dtype=np.int64)
-        load = self.load
+        load, read = self.load, self.read
         return _Dataset(
             classes=self.classes, labels=self.labels[keep], official=[self.official[i] for i in keep],
             names=[self.names[i] for i in keep], sources=[self.sources[i] for i in keep],
-            load=lambda j: load(int(keep[j])), facts=[self.facts[i] for i in keep],
+            load=lambda j: load(int(keep[j])), read=read and (lambda j: read(int(keep[j]))), facts=[self.facts[i] for i in keep],
             quarantine=self.quarantine + [(self.sources[i], reason(i)) for i in sorted(drop)], skipped=self.skipped,
         )
 
@@ -163,7 +171,7 @@ def _from_idx(raw_dir: Path) -> _Dataset:
     return _Dataset(
         classes=list(FASHION_MNIST_CLASSES), labels=labels, official=official, names=names,
         sources=[f"idx/{'train' if n.startswith('train') else 't10k'}-images-idx3-ubyte.gz#{int(n[-5:])}" for n in names],
-        load=lambda i: Image.fromarray(images[i], mode="L"),
+        load=lambda i: Image.fromarray(images[i], mode="L"), read=None,
         # Thumbnails only for the images the caps pick (`_report`): all 70,000 would cost ~1 s more.
         facts=[_facts(Image.fromarray(im, mode="L"), "IDX L", thumb=False)
                for im in progress(images, desc="hash images")],
@@ -197,7 +205,7 @@ def _from_folder(root: Path, base: Path, *, max_pixels: int, follow_outside: boo
         # Two official splits may hold files of the same name, so the split goes into the name.
         names=[f"{it.official_split}-{it.stem}" if it.official_split else it.stem for it, _ in good],
         sources=[p.relative_to(base).as_posix() for p in paths],
-        load=lambda i: load_image(paths[i], max_pixels=max_pixels),
+        load=lambda i: load_image(paths[i], max_pixels=max_pixels), read=lambda i: paths[i].read_bytes(),
         facts=[f for _, f in good],
         quarantine=quarantine,
         skipped=merge_skipped(skipped, walk.skipped()),
@@ -217,10 +225,42 @@ def _drop_conflicts(ds: _Dataset) -> tuple[_Dataset, list[list[str]]]:
         repr(c) for c in classes_of[i])), files
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def _encoded(image: Image.Image, lossy: bool) -> tuple[bytes, str]:
     buf = io.BytesIO()
+    if lossy:
+        # A JPEG that had to change (turned upright, CMYK, downscaled) stays a JPEG: stored as a PNG
+        # it would take 3-5 times the bytes to keep its compression artefacts exactly. Quality 95
+        # without chroma subsampling: on the generated photos of tests/test_own_folder_e2e.py a
+        # pixel moves by 0.9-2.9 levels in 255 on average (at most 9-21), which training cannot
+        # tell from the noise of the original's own compression.
+        image.save(buf, format="JPEG", quality=95, subsampling=0)
+        return buf.getvalue(), "jpeg"
     image.save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
+    return buf.getvalue(), "png"
+
+
+def _stored(ds: _Dataset, i: int, mode: str, max_side: int | None) -> tuple[bytes, str, str]:
+    """What the shards hold for item ``i``: (bytes, format, why). The file's own bytes when they
+    decode to what training needs (a grey file in a colour split too: turning it to RGB is exact);
+    else the image made upright, converted and downscaled, as a JPEG when it came from one, a
+    lossless PNG otherwise."""
+    f = ds.facts[i]
+    fits = max_side is None or max(f.size) <= max_side
+    if ds.read is None:
+        why = [f"from {f.kind}"]
+    elif (f.source[0] in _KEEP_FORMATS and f.source[1] in (mode, "L" if mode == "RGB" else mode)
+          and not f.rotated and fits):
+        return ds.read(i), _KEEP_FORMATS[f.source[0]], "original"
+    else:
+        why = ["upright from EXIF"] if f.rotated else []
+        if f.source[1] != mode:
+            why.append(f"{f.source[1]} -> {mode}")
+        if not fits:
+            why.append(f"downscaled from {f.size[0]}x{f.size[1]}")
+        if f.source[0] not in _KEEP_FORMATS:
+            why.append(f"from {f.source[0]}")
+    data, fmt = _encoded(downscale(convert_mode(ds.load(i), mode), max_side), f.source[0] in ("JPEG", "MPO"))
+    return data, fmt, f"{fmt}: " + ", ".join(why)
 
 
 def _report(ds: _Dataset, picks: dict[str, np.ndarray], mode: str, conflicts: list[list[str]],
@@ -299,22 +339,17 @@ def run_split(raw_dir: Path, out_dir: Path, cfg: SplitParams, *, seed: int) -> d
     ds, picks, report = prepare_split(raw_dir, cfg, seed=seed)
     mode = report["color_mode"]
 
-    def render(i: int) -> bytes:
-        return _png_bytes(downscale(convert_mode(ds.load(i), mode), cfg.max_side))
-
     with staged_dir(out_dir) as tmp:
         for split in SPLITS:
-            for cls in ds.classes:
-                (tmp / "images" / split / cls).mkdir(parents=True)
-        rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
-        for split in SPLITS:
+            shards = ShardWriter(tmp, split, ds.classes)
             for i in progress(picks[split], desc=f"write {split}"):
                 cls = ds.classes[ds.labels[i]]
-                rel = f"images/{split}/{cls}/{ds.names[i]}.png"
-                (tmp / rel).write_bytes(render(i))
-                rows[split].append({"path": rel, "label": int(ds.labels[i]), "class": cls,
-                                    "source": ds.sources[i]})
-            write_csv(tmp / f"{split}.csv", MANIFEST_FIELDS, rows[split])
+                data, fmt, why = _stored(ds, int(i), mode, cfg.max_side)
+                shards.add(data, key=f"{cls}/{ds.names[i]}", label=int(ds.labels[i]), cls=cls, source=ds.sources[i],
+                           fmt=fmt, stored=why)
+            stored = Counter("original" if r["stored"] == "original" else f"re-encoded {r['format']}"
+                             for r in shards.close())
+            report.setdefault("stored", {})[split] = dict(sorted(stored.items()))
         write_json(tmp / "classes.json", ds.classes)
         # Serving repeats these steps on raw uploads, so a served image gets the pixels this split gave.
         write_json(tmp / "preprocess.json", {"color_mode": mode, "max_side": cfg.max_side,
@@ -343,13 +378,3 @@ def resolve_image_size(image_size: int | str, split_dir: Path, kind: str, *, qui
     if not quiet:
         _log.info("%s image_size: auto -> %d px (%s, `image_size_auto`)", kind, size, split_dir / "report.json")
     return size
-
-
-def read_manifest(split_dir: Path, split: str) -> list[dict]:
-    """Rows of ``<split>.csv`` with ``label`` as int and ``path`` made absolute."""
-    with open(split_dir / f"{split}.csv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:
-        row["label"] = int(row["label"])
-        row["path"] = str(split_dir / row["path"])
-    return rows

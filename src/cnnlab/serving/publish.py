@@ -17,10 +17,10 @@ from pathlib import Path
 import mlflow
 
 import cnnlab
-from cnnlab.data.split import read_manifest
-from cnnlab.utils.files import file_digest
+from cnnlab.data.shards import iter_images
 from cnnlab.serving.pyfunc import log_classifier
 from cnnlab.tracking.runs import tracked_run
+from cnnlab.utils.files import file_digest
 
 SERVED_TAG = "cnnlab.served"
 
@@ -36,7 +36,7 @@ def serving_limits(split_dir: Path) -> dict[str, int | None]:
 
 def example_images(split_dir: Path, count: int = 2) -> list[bytes]:
     """The input example logged with the model: the first validation images."""
-    return [Path(r["path"]).read_bytes() for r in read_manifest(split_dir, "val")[:count]]
+    return list(iter_images(split_dir, "val", limit=count))
 
 
 def served_digest(model_dir: Path, limits: dict[str, int | None]) -> str:

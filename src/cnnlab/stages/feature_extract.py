@@ -17,6 +17,7 @@ from cnnlab.data.split import resolve_image_size
 from cnnlab.data.tensors import (
     TensorSet,
     TrainSet,
+    check_copies_size,
     load_split,
     split_classes,
     split_mode,
@@ -78,6 +79,8 @@ def cached_features(clf: Classifier, spec: ModelSpec, split_dir: Path, cache: Fe
             _log.info("reusing cached %s features in %s", split, cache.folder)
             sets[split] = TensorSet(*hit)
             continue
+        if split == AUGMENTED:
+            check_copies_size(manifest.parent, spec.image_size)
         images = load_split(manifest.parent, "train" if split == AUGMENTED else split, mode=spec.mode,
                             size=spec.image_size)
         t0 = time.perf_counter()

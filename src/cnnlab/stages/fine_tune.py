@@ -102,9 +102,10 @@ def fine_tune(v: VariantRun, cfg: FineTuneVariant, *, split_dir: Path, augmented
             val = TensorSet(prefix_outputs(clf, frozen[-1], val.images, rt=rt), val.labels)
         elif frozen and world.main:
             _log.info("fine_tune: the frozen blocks run every epoch (%s)", why_not)
-        manifests = [split_dir / "train.csv", split_dir / "val.csv", start_model / "weights.pt"]
+        manifests = [split_dir / "train.csv", split_dir / "val.csv", split_dir / "shards.json",
+                     start_model / "weights.pt"]
         if augmented is not None:
-            manifests.append(augmented / "train.csv")
+            manifests += [augmented / "train.csv", augmented / "shards.json"]
 
         def finish(result: FitResult) -> Finished:
             # The trained modules live inside clf and the frozen ones are back: clf is the whole model.

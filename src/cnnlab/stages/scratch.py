@@ -48,9 +48,9 @@ def scratch(v: VariantRun, cfg: ScratchParams, *, split_dir: Path, augmented_dir
                          mean=mean, std=std, kwargs={**cfg.arch_kwargs, "dropout": cfg.dropout})
         model = build_classifier(spec)
         init_weights(model.net, cfg.init)
-        manifests = [split_dir / "train.csv", split_dir / "val.csv"]
+        manifests = [split_dir / "train.csv", split_dir / "val.csv", split_dir / "shards.json"]
         if augmented is not None:
-            manifests.append(augmented / "train.csv")
+            manifests += [augmented / "train.csv", augmented / "shards.json"]
         title = f"{v.name}: {cfg.arch}, dropout {cfg.dropout:g}"
         return Plan(trainee=model, train=train, val=val, cfg=cfg, runtime=rt, data=[files_digest(*manifests)],
                     hooks=Hooks(augment=augment), finish=lambda result: Finished(model, spec, title))

@@ -10,17 +10,17 @@ re-split, a truncated or edited file) is recomputed or, in `evaluate`, not used,
 
 from __future__ import annotations
 
-import logging
-import csv
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cnnlab.utils.files import file_digest, write_json
+from cnnlab.data.shards import content_digest
 from cnnlab.models.classifier import Classifier
+from cnnlab.utils.files import file_digest, write_json
 
 _log = logging.getLogger(__name__)
 
@@ -53,14 +53,10 @@ def trunk_digest(clf: Classifier, *, arch: str, mode: str, image_size: int) -> s
 
 
 def manifest_digest(manifest: Path) -> str:
-    """Identifies a split's images: the manifest and every image file it lists. The file names
-    alone would vouch for stale features when a stage re-writes the same names with new pixels
-    (another augmentation policy, another split.max_side or color_mode)."""
-    h = hashlib.sha256(manifest.read_bytes())
-    with open(manifest, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            h.update(file_digest(manifest.parent / row["path"]).encode())
-    return h.hexdigest()[:24]
+    """Identifies a split's images: its manifest and its shards (`cnnlab.data.shards.content_digest`).
+    The keys alone would vouch for stale features when a stage re-writes the same keys with new
+    pixels (another augmentation policy, another split.max_side or color_mode)."""
+    return content_digest(manifest.parent, manifest.stem)
 
 
 class FeatureCache:
