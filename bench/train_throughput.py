@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     avx512_bf16 = "yes" if features.avx512_bf16 else "no"
     requested = load_params(args.params).scratch.runtime.precision
 
-    # The tensor cache: decoded once, timed once, shared by every engine run.
+    # The decode cache (built by the stages already, or here): timed once, shared by every engine run.
     mode, classes = split_mode(split_dir), split_classes(split_dir)
     note("building the tensor cache ...")
     with contextlib.redirect_stderr(io.StringIO()):
@@ -421,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
              "emulates it, so bf16 rows are slow and their '% of peak' is not shown"))
     print(f"- params.yaml scratch.runtime.precision: {requested!r}, resolved here to "
           f"{cfg_resolved_precision(args.params)!r}")
-    print(f"- data: {len(train.versions):,} training images ({split_dir.name}/images/train, {mode}, {size}x{size}); "
-          f"same files as train.csv: {same_data}; tensor cache build (once, untimed in the rows): "
+    print(f"- data: {len(train.versions):,} training images ({split_dir.name}'s shards, written out as an "
+          f"ImageFolder for the baseline; {mode}, {size}x{size}); same images as train.csv: {same_data}; "
+          f"decode cache (reused when built, untimed in the rows): "
           f"train {t_train_cache:.2f} s, val ({len(val):,} images) {t_val_cache:.2f} s")
     print(f"- run: {args.epochs} epochs x {args.repeats} repeat(s) per path, batch {args.batch_size}, Adam lr "
           f"{params.scratch.lr:g}, seed {seed}; images/s = images / median epoch time; training FLOPs = 3 x forward "
