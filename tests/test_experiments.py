@@ -4,12 +4,13 @@ store, each run tagged with its experiment's name, and leaves the registry's ali
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-
 from helpers.workspace import commit, git_workspace, run
+from project_copy import tool_argv, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,12 @@ def test_a_queued_sweep_on_two_workers_lands_in_the_repositorys_store(tmp_path: 
     for name, lr in SWEEP.items():
         run(ws, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"scratch.lr={lr}")
     try:
-        run(ws, "dvc", "queue", "start", "-j", "2")
+        # Its output to a file, not a pipe: the workers it starts inherit it, and one that lingers
+        # after the queue is empty (a dvc-task shutdown race, seen here under load) would hold a
+        # pipe open and hang this call; the queue's own status says when the sweep is done.
+        with open(ws / "queue-start.log", "w", encoding="utf-8") as log:
+            subprocess.run(tool_argv(["dvc", "queue", "start", "-j", "2"]), cwd=ws, env=tool_env(ws), stdout=log,
+                           stderr=subprocess.STDOUT, check=True, timeout=120)
         status = _wait_for_queue(ws)
     finally:
         run(ws, "dvc", "queue", "stop", "--kill", check=False)
