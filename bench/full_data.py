@@ -57,6 +57,10 @@ def main() -> None:
         params[section][name] = value
     with tempfile.TemporaryDirectory(prefix="cnnlab-full-") as tmp:
         ws = copy_project((args.keep or Path(tmp)) / "fmnist_all", params)
+        logs = ws.parent / "logs"
+        logs.mkdir(exist_ok=True)
+        changed = ", ".join(f"{s}.{n}={v!r}" for s, n, v in args.set) or "none"
+        print(f"caps null; other params changed: {changed}; stage output in {logs}\n", flush=True)
         print("| stage | wall s |\n|---|---:|", flush=True)
         total = 0.0
         for stage in stages(params):
@@ -64,6 +68,7 @@ def main() -> None:
             done = subprocess.run(tool_argv(["dvc", "repro", "--single-item", stage]), cwd=ws, env=tool_env(ws),
                                   capture_output=True, text=True, check=False)
             seconds = time.perf_counter() - t0
+            (logs / f"{stage.replace('@', '_')}.log").write_text(done.stdout + done.stderr)
             if done.returncode:
                 sys.exit(f"{stage} failed after {seconds:.0f} s in {ws}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
             total += seconds

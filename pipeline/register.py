@@ -16,7 +16,8 @@ def main() -> None:
     args, params = parse(__doc__, "models", "split", "test_metrics", "out")
     print(register(Path(args.models), Path(args.split), Path(args.test_metrics), Path(args.out),
                    stages={name: v.stage for name, v in params.resolved_variants().items()},
-                   cfg=params.registry), end="")
+                   cfg=params.registry, coverage=params.evaluate.coverage,
+                   tta=list(params.evaluate.tta)), end="")
 
 
 if __name__ == "__main__":

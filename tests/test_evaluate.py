@@ -17,12 +17,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from scipy.stats import binomtest
 
 
 from cnnlab.config import EvaluateParams, SplitParams
+from cnnlab.data.shards import read_manifest
 from cnnlab.data.split import run_split
 from cnnlab.data.tensors import load_split, split_classes
 from cnnlab.training.engine import predict_logits
+from cnnlab.evaluation.calibration import T_MAX, T_MIN, fit_temperature, log_probabilities, nll, scaled
 from cnnlab.evaluation.scoring import (
     VariantResult,
     best_by_validation,
@@ -140,7 +143,10 @@ def test_tables_pairs_and_best_variant():
     assert mcnemar_pairs(["a", "b"], None, None) == [("a", "b")]
     table = comparison_table([good, bad])
     assert list(table.columns) == ["variant", "val_accuracy", "test_accuracy", "ci_low", "ci_high", "test_loss",
-                                   "macro_f1", "parameters"]
+                                   "macro_f1", "parameters", "temperature", "test_loss_calibrated", "ece",
+                                   "ece_calibrated", "coverage", "coverage_ci_low", "coverage_ci_high", "set_size",
+                                   "tta_used", "tta_val_p", "test_accuracy_tta", "tta_ci_low", "tta_ci_high",
+                                   "tta_test_p"]
     assert list(table["test_accuracy"]) == [1.0, 0.0]
     md = comparison_markdown(table, 0.9)
     assert "| variant" in md and "90% CI" in md and "100.00%" in md and "70.00%" in md
@@ -211,18 +217,58 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
     # The table's accuracies are what the saved models predict.
     comparison = pd.read_csv(ws / "evaluation" / "comparison.csv")
     assert list(comparison["variant"]) == [*VARIANTS, "ensemble"]
-    all_probs = []
+    metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
+    all_probs, ensemble_val = [], []
     for name in VARIANTS:
         model, spec = load_classifier(ws / "models" / name)
         test = load_split(ws / "split", "test", mode=spec.mode, size=spec.image_size)
-        logits = predict_logits(model, test.images, batch_size=7, device=torch.device("cpu"))
-        all_probs.append(torch.softmax(logits.double(), 1).numpy())
-        expected = (logits.argmax(1) == test.labels).double().mean().item()
+        val = load_split(ws / "split", "val", mode=spec.mode, size=spec.image_size)
+        def log_p(images: torch.Tensor) -> np.ndarray:
+            out = predict_logits(model, images, batch_size=7, device=torch.device("cpu")).double()
+            return torch.log_softmax(out, 1).numpy()
+
+        # Test-time augmentation (evaluate.tta's default [hflip]): the mean of the probabilities of the
+        # image and its mirror, served only where that wins on validation by an exact McNemar test.
+        plain = {"val": log_p(val.images), "test": log_p(test.images)}
+        mirrored = {k: np.log((np.exp(plain[k]) + np.exp(log_p(torch.flip(x.images, [-1])))) / 2)
+                    for k, x in (("val", val), ("test", test))}
+        right = {k: {"plain": plain[k].argmax(1) == x.labels.numpy(), "tta": mirrored[k].argmax(1) == x.labels.numpy()}
+                 for k, x in (("val", val), ("test", test))}
+        b, c = int((right["val"]["tta"] & ~right["val"]["plain"]).sum()), int((~right["val"]["tta"] & right["val"]["plain"]).sum())
+        p_val = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
+        used = b > c and p_val < 0.05
+        assert metrics[name]["tta_used"] == float(used) and metrics[name]["tta_val_p"] == pytest.approx(p_val, rel=1e-5)
+        assert metrics[name]["test_accuracy_tta"] == pytest.approx(right["test"]["tta"].mean(), abs=1e-6)
+        logits, val_logits = (mirrored["test"], mirrored["val"]) if used else (plain["test"], plain["val"])
+        # The temperature is the one that minimises the validation NLL; the calibrated test NLL uses it.
+        t = fit_temperature(log_probabilities(val_logits), val.labels.numpy())
+        assert metrics[name]["temperature"] == pytest.approx(t, rel=1e-5)
+        for other in (t * 1.01, t / 1.01, 1.0):  # the minimum within its range, checked without the fitting code
+            if T_MIN <= other <= T_MAX:
+                assert nll(val_logits, val.labels.numpy(), t) <= nll(val_logits, val.labels.numpy(), other)
+        assert metrics[name]["test_loss_calibrated"] == pytest.approx(nll(logits, test.labels.numpy(), t), abs=1e-5)
+        all_probs.append(scaled(logits, t))
+        ensemble_val.append(scaled(val_logits, t))
+        # The conformal threshold: the ceil((n + 1) * 0.9)-th smallest validation score, a score being
+        # the calibrated probability of the classes above the true one; the sets it gives on test.
+        calibrated, val_labels = ensemble_val[-1], val.labels.numpy()
+        true = calibrated[np.arange(len(val_labels)), val_labels]
+        above = np.where(calibrated >= true[:, None], calibrated, 0).sum(1) - true
+        threshold = np.sort(above)[math.ceil(0.9 * (len(above) + 1)) - 1]
+        assert metrics[name]["conformal_threshold"] == pytest.approx(threshold, abs=1e-6)
+        test_probs, test_labels = all_probs[-1], test.labels.numpy()
+        true = test_probs[np.arange(len(test_labels)), test_labels]
+        above = np.where(test_probs > true[:, None], test_probs, 0).sum(1)
+        assert metrics[name]["test_coverage"] == pytest.approx(np.mean(above <= threshold + 1e-12), abs=1e-6)
+        expected = (logits.argmax(1) == test.labels.numpy()).mean()
         row = comparison.set_index("variant").loc[name]
         assert row["test_accuracy"] == pytest.approx(expected, abs=1e-6)
         assert row["ci_low"] <= row["test_accuracy"] <= row["ci_high"]
+    # The ensemble: the mean of the members' calibrated probabilities, with a temperature of its own.
     ensemble = (np.mean(all_probs, axis=0).argmax(1) == test.labels.numpy()).mean()
     assert comparison.set_index("variant").loc["ensemble", "test_accuracy"] == pytest.approx(ensemble, abs=1e-6)
+    t = fit_temperature(np.log(np.mean(ensemble_val, axis=0)), val.labels.numpy())
+    assert metrics["ensemble"]["temperature"] == pytest.approx(t, rel=1e-5)
     assert list(comparison["val_accuracy"].iloc[:3]) == [0.5, 0.7, 0.6]
 
     per_class = pd.read_csv(ws / "evaluation" / "per_class.csv")
@@ -238,13 +284,21 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
         assert (plots / f"confusion_{name}.png").stat().st_size > 1000
         confusion = pd.read_csv(plots / "confusion" / f"{name}.csv")
         assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 40
+        reliability_bins = pd.read_csv(plots / "reliability" / f"{name}.csv")
+        assert list(reliability_bins.columns) == ["confidence", "accuracy", "count"]
+        assert reliability_bins["count"].sum() == 40
     for name in VARIANTS:
         assert (plots / f"misclassified_{name}.png").stat().st_size > 1000
     assert (plots / "accuracy.png").stat().st_size > 1000
+    assert (plots / "reliability.png").stat().st_size > 1000
+    assert not (ws / "evaluation" / "label_issues.csv").exists()  # no feature_extract variant: no label check
 
-    metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
-    keys = {"test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_loss", "test_macro_f1"}
-    assert all(set(metrics[v]) == keys for v in (*VARIANTS, "ensemble"))
+    keys = {"test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_loss", "test_macro_f1",
+            "temperature", "test_loss_calibrated", "test_ece", "test_ece_calibrated", "conformal_threshold",
+            "test_coverage", "test_coverage_ci_low", "test_coverage_ci_high", "test_set_size"}
+    tta_keys = {"tta_used", "tta_val_p", "test_accuracy_tta", "test_accuracy_tta_ci_low", "test_accuracy_tta_ci_high",
+                "tta_test_p"}
+    assert all(set(metrics[v]) == keys | tta_keys for v in VARIANTS) and set(metrics["ensemble"]) == keys
     assert set(metrics["mcnemar"]) == {"scratch_vs_wide", "scratch_vs_big", "wide_vs_big", "ensemble_vs_wide"}
 
     # The same metric names land in each variant's own training run, which stays FINISHED.
@@ -252,7 +306,8 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
     for name in ("scratch", "wide"):
         run = client.get_run(json.loads((ws / "models" / name / "run.json").read_text())["run_id"])
         assert run.info.status == "FINISHED"
-        assert {k: round(v, 6) for k, v in run.data.metrics.items()} == metrics[name]
+        assert {k: float(f"{v:.6g}") if k.endswith("_p") else round(v, 6)
+                for k, v in run.data.metrics.items()} == metrics[name]
     summary = client.search_runs([client.get_experiment_by_name("evaltest").experiment_id],
                                  "tags.stage = 'evaluate'")
     assert len(summary) == 1 and summary[0].info.status == "FINISHED"
@@ -352,6 +407,17 @@ def test_frozen_backbone_is_scored_from_its_own_cached_test_features(split_dir: 
 
     cached = run(features)
     assert "feature_extract: test features from" in logged() and "tuned: test features" not in logged()
+    assert "feature_extract: val features from" in logged() and "tuned: val features" not in logged()
+    # The label check used feature_extract's cached train + val features (tuned's are another backbone's).
+    assert "feature_extract's features" in logged()
+    issues = pd.read_csv(tmp_path / "ev" / "label_issues.csv")
+    assert list(issues.columns) == ["split", "key", "source", "given", "suggested", "p_given", "p_suggested",
+                                    "label_quality"]
+    assert set(issues["split"]) <= {"train", "val"} and (issues["given"] != issues["suggested"]).all()
+    assert (tmp_path / "pl" / "label_issues.png").stat().st_size > 1000
+    checked = json.loads((tmp_path / "ev.json").read_text())["label_issues"]
+    assert checked["checked"] == sum(len(read_manifest(split_dir, split)) for split in ("train", "val"))
+    assert checked["suspects"] == len(issues)
     full = run(tmp_path / "no-features")  # no cache for any variant: every model runs in full
     assert "test features from" not in logged()
     pd.testing.assert_frame_equal(cached, full, atol=1e-5, rtol=0)

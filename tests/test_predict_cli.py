@@ -14,11 +14,17 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import use_mlflow_store
 from helpers.tiny_model import encode, register_tiny
+from PIL import Image
 
-from cnnlab.cli.predict import DEFAULT_MODEL_URI, Outcome, default_model_uri, find_images, format_table
+from cnnlab.cli.predict import (
+    DEFAULT_MODEL_URI,
+    Outcome,
+    default_model_uri,
+    find_images,
+    format_table,
+)
 
 
 @dataclass
@@ -99,7 +105,21 @@ def test_json_lines_match_in_process_across_batches(store: Store, tmp_path: Path
         assert (got["label"], got["label_id"]) == (row["label"], row["label_id"])
         assert got["probabilities"].keys() == row["probabilities"].keys()
         np.testing.assert_allclose(list(got["probabilities"].values()), list(row["probabilities"].values()), atol=1e-6)
+        assert (got["prediction_set"], got["unsure"]) == (list(row["prediction_set"]), row["unsure"])
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow  # a registered model and a CLI process (~10 s each)
+def test_explain_writes_a_grad_cam_overlay_per_classified_file(store: Store, tmp_path: Path) -> None:
+    files = [store.root / GOOD[0], store.root / "imgs/sub/broken.png", store.root / GOOD[3]]
+    done = cli(*map(str, files), "--explain", "--explain-dir", str(tmp_path / "cams"), "--model",
+               "models:/cli-tiny/1", cwd=tmp_path, tracking_uri=store.uri)
+    assert done.returncode == 1, done.stderr  # broken.png: classified as an error, not explained
+    written = sorted(p.name for p in (tmp_path / "cams").iterdir())
+    assert written == ["a_bright.jpg.gradcam.png", "d.webp.gradcam.png"]
+    assert f"wrote {tmp_path / 'cams' / 'a_bright.jpg.gradcam.png'}" in done.stderr
+    with Image.open(tmp_path / "cams" / "a_bright.jpg.gradcam.png") as overlay:
+        assert overlay.size[0] > 300  # the image and its map side by side
 
 
 @pytest.mark.slow  # a registered model and a CLI process (~10 s each)
@@ -178,9 +198,12 @@ def test_table_layout() -> None:
         Outcome(Path("long/path/one.png"), {"label": "cat", "label_id": 0, "confidence": 0.75,
                                             "probabilities": {"cat": 0.75, "dog": 0.2, "frog": 0.04, "ant": 0.01}}),
         Outcome(Path("b.png"), error="not an image (unrecognized format)"),
+        Outcome(Path("c.png"), {"label": "dog", "label_id": 1, "confidence": 0.5, "prediction_set": ["dog", "cat"],
+                                "unsure": True, "probabilities": {"cat": 0.4, "dog": 0.5, "frog": 0.1}}),
     ]
     assert format_table(outcomes).splitlines() == [
         "PATH               LABEL  CONFIDENCE  TOP-3",
         "long/path/one.png  cat        0.7500  cat 0.750, dog 0.200, frog 0.040",
         "b.png              error: not an image (unrecognized format)",
+        "c.png              dog        0.5000  dog 0.500, cat 0.400, frog 0.100  unsure: {dog, cat}",
     ]

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import use_mlflow_store
 from cnnlab.data.shards import ShardWriter
-from cnnlab.models.classifier import ModelSpec, build_classifier, save_classifier
+from cnnlab.data.preprocess import prepare
+from cnnlab.models.classifier import ModelSpec, build_classifier, load_classifier, save_classifier
 from cnnlab.tracking.model_registry import Candidate, RegistryError, choose_champion, read_candidate, register_variants
 from cnnlab.serving.pyfunc import log_classifier
 from cnnlab.tracking.runs import tracked_run
@@ -135,7 +138,10 @@ def test_stage_writes_the_registry_summary_and_reads_test_accuracy(store: Mlflow
     log_variant(tmp_path, "scratch", 0.70)
     log_variant(tmp_path, "regularized", 0.75)
     (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({"scratch": {"test_accuracy": 0.99},
-                                                                    "regularized": {"test_accuracy": 0.5}}))
+                                                                    "regularized": {"test_accuracy": 0.5,
+                                                                                    "temperature": 2.5,
+                                                                                    "conformal_threshold": 0.25,
+                                                                                    "tta_used": 1.0}}))
     done = _stage(tmp_path, "scratch", "regularized")
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "registry.json").read_text())
@@ -144,6 +150,31 @@ def test_stage_writes_the_registry_summary_and_reads_test_accuracy(store: Mlflow
     version = store.get_model_version("stage-clf", summary["versions"]["scratch"])
     assert version.tags["test_accuracy"] == "0.9900"
     assert "alias 'champion' -> version" in done.stdout
+    # The served champion applies evaluate's temperature: softmax(logits / 2.5); scratch has none (T = 1).
+    assert "scratch: no temperature or conformal threshold in the evaluate metrics" in done.stderr
+    model, spec = load_classifier(tmp_path / "models" / "regularized")
+    image = _png(5)
+    with torch.no_grad():
+        pixels = prepare(Image.open(io.BytesIO(image)), mode=spec.mode, size=spec.image_size)[None]
+        # evaluate chose test-time augmentation for it: the mean of the image's and its mirror's probabilities
+        mean = (torch.softmax(model(pixels).double(), 1) + torch.softmax(model(pixels.flip(-1)).double(), 1)) / 2
+        logits = torch.log(mean)
+    served = mlflow.pyfunc.load_model("models:/stage-clf@champion")
+    assert served.model_config["temperature"] == 2.5 and served.model_config["conformal_threshold"] == 0.25
+    assert served.model_config["coverage"] == 0.9  # params.yaml's evaluate.coverage, for the reader
+    assert served.model_config["tta"] == ["hflip"]
+    answer = served.predict(pd.DataFrame({"image": [image]}, dtype=object)).iloc[0]
+    want = torch.softmax(logits / 2.5, 1)[0].numpy()
+    np.testing.assert_allclose(list(answer["probabilities"].values()), want, atol=1e-6)
+    # The set: classes from the most probable down while those above hold at most 0.25 (an untrained
+    # net's ~0.1 each: three classes, away from the boundary).
+    ranked = np.argsort(-want, kind="stable")
+    above = np.cumsum(want[ranked]) - want[ranked]
+    assert list(answer["prediction_set"]) == [CLASSES[k] for k, a in zip(ranked, above) if a <= 0.25]
+    assert len(answer["prediction_set"]) == 3 and answer["unsure"]
+    plain = mlflow.pyfunc.load_model(f"models:/stage-clf/{summary['versions']['scratch']}")
+    assert plain.model_config["temperature"] == 1.0 and plain.model_config["conformal_threshold"] == 1.0
+    assert plain.model_config["tta"] == []
 
     rerun = _stage(tmp_path, "scratch", "regularized")
     assert rerun.returncode == 0 and "unchanged" in rerun.stdout and "new versions" not in rerun.stdout

@@ -167,6 +167,7 @@ def assert_matches(server: Server, status: int, text: str, want: pd.DataFrame) -
         assert list(g["probabilities"]) == CLASSES
         np.testing.assert_allclose(list(g["probabilities"].values()), list(w["probabilities"].values()), atol=1e-6)
         assert g["confidence"] == pytest.approx(w["confidence"], abs=1e-6)
+        assert (g["prediction_set"], g["unsure"]) == (list(w["prediction_set"]), w["unsure"])
 
 
 GOOD_FORMS = {

@@ -117,7 +117,7 @@ def assert_same(got: pd.DataFrame, want: pd.DataFrame) -> None:
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_logged_model_predicts_like_in_process(logged: dict[str, Logged], mode: str) -> None:
     out = logged[mode].pyfunc.predict(pd.DataFrame({"image": IMAGES}))
-    assert list(out.columns) == ["label", "label_id", "confidence", "probabilities"]
+    assert list(out.columns) == ["label", "label_id", "confidence", "probabilities", "prediction_set", "unsure"]
     assert len(out) == len(IMAGES)
     for _, row in out.iterrows():
         probs = row["probabilities"]
@@ -125,6 +125,8 @@ def test_logged_model_predicts_like_in_process(logged: dict[str, Logged], mode: 
         assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
         assert row["label"] == CLASSES[row["label_id"]]
         assert row["confidence"] == pytest.approx(max(probs.values())) == probs[row["label"]]
+        # Logged without a conformal threshold: the set is every class, most probable first.
+        assert list(row["prediction_set"]) == sorted(CLASSES, key=lambda c: -probs[c]) and row["unsure"]
     assert out["probabilities"].map(lambda p: tuple(p.values())).nunique() == len(IMAGES)
     assert_same(out, in_process(logged[mode], IMAGES))
 
@@ -282,7 +284,8 @@ def test_logged_model_ships_code_weights_and_pins(logged: dict[str, Logged]) -> 
     assert signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": False}]
     outputs = {c["name"]: c["type"] for c in signature.outputs.to_dict()}
     assert outputs == {
-        "label": "string", "label_id": "long", "confidence": "double", "probabilities": "map"
+        "label": "string", "label_id": "long", "confidence": "double", "probabilities": "map",
+        "prediction_set": "array", "unsure": "boolean",
     }
     assert (local / "serving_input_example.json").is_file()
 

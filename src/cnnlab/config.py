@@ -278,6 +278,9 @@ class EvaluateParams(_Section):
     ensemble: bool = True
     misclassified: Annotated[int, Field(ge=0, le=400)] = 36
     device: DeviceName = "auto"
+    coverage: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
+    label_issues: Annotated[int, Field(ge=0, le=400)] = 36
+    tta: list[Literal["hflip"]] = ["hflip"]
 
 
 class RegistryParams(_Section):
@@ -295,7 +298,7 @@ KINDS: dict[str, tuple[str, str]] = {
 # path (variants.scratch.<name>: no dots) and an MLflow run name.
 VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 # Keys of their own in evaluate's outputs (the ensemble row, the McNemar tests, the summary run).
-RESERVED_NAMES = ("ensemble", "mcnemar", "evaluate")
+RESERVED_NAMES = ("ensemble", "mcnemar", "evaluate", "label_issues")
 # Section fields that are sections themselves: a variant overrides their keys one by one.
 _NESTED = ("head", "runtime")
 

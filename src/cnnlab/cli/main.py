@@ -1,6 +1,6 @@
 """``python -m cnnlab COMMAND``: the project's command line (argparse subcommands; add more here).
 
-``predict PATH... [--model URI] [--json]`` classifies image files with a logged pyfunc, locally:
+``predict PATH... [--model URI] [--json] [--explain]`` classifies image files with a logged pyfunc, locally:
 no server, the same model `mlflow models serve` would load. Exit status: 0 when every file was
 classified, 1 when any file failed (each gets its own error line; the rest are still
 classified), 2 for a usage problem or a model that cannot be loaded.
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--json", action="store_true", help="print one JSON object per file (JSON Lines)")
     predict.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="images per predict call")
+    predict.add_argument("--explain", action="store_true",
+                         help="also write a Grad-CAM overlay of the predicted class per file: where the net looked")
+    predict.add_argument("--explain-dir", type=Path, default=Path("gradcam"), metavar="DIR",
+                         help="folder for the overlays, <file name>.gradcam.png (default: ./gradcam)")
     predict.set_defaults(run=_run_predict)
     doctor = commands.add_parser(
         "doctor",
@@ -125,6 +129,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     else:
         outcomes.extend(predict_files(model, files, batch_size=args.batch_size))
         print(format_table(outcomes))
+    if args.explain and model is not None:
+        from cnnlab.cli.predict import explain_files
+
+        for written in explain_files(model, outcomes, args.explain_dir):
+            print(f"wrote {written}", file=sys.stderr)
     failed = sum(o.error is not None for o in outcomes)
     if failed:
         print(f"{failed} of {len(outcomes)} path(s) failed", file=sys.stderr)

@@ -111,6 +111,28 @@ def predict_files(model: Any, files: Sequence[Path], *, batch_size: int = 64) ->
         for path in files[start : start + batch_size]:
             yield done[path]
 
+def explain_files(model: Any, outcomes: Sequence[Outcome], out_dir: Path) -> list[Path]:
+    """For each classified file, ``out_dir/<name>.gradcam.png``: the image as the model reads it
+    beside a Grad-CAM map of the predicted class (`cnnlab.evaluation.explain`). Needs a cnnlab
+    pyfunc (its PyTorch model); returns the files written."""
+    from cnnlab.evaluation.explain import grad_cam, save_overlay
+    from cnnlab.serving.pyfunc import ImageClassifierModel
+
+    inner = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
+    if not isinstance(inner, ImageClassifierModel):
+        raise CliError("--explain needs a cnnlab model (its PyTorch network); this one is not")
+    written = []
+    for o in outcomes:
+        if o.prediction is None:
+            continue
+        tensor = inner.prepare_upload(o.path.read_bytes())
+        heat = grad_cam(inner.network, tensor[None], [int(o.prediction["label_id"])])[0]
+        target = out_dir / f"{o.path.name}.gradcam.png"
+        save_overlay(tensor.numpy(), heat, target,
+                     title=f"{o.path.name}: {o.prediction['label']} ({o.prediction['confidence']:.2f})")
+        written.append(target)
+    return written
+
 def _predict_items(model: Any, items: list[tuple[Path, bytes]]) -> list[Outcome]:
     import pandas as pd
     from mlflow.exceptions import MlflowException
@@ -132,7 +154,8 @@ def _reason(e: Exception) -> str:
     return re.sub(r"^row \d+: ", "", _first_line(reason))
 
 def format_table(outcomes: Sequence[Outcome], top_k: int = TOP_K) -> str:
-    """Columns path, label, confidence, top-k classes; a failed file shows ``error: REASON``."""
+    """Columns path, label, confidence, top-k classes; a failed file shows ``error: REASON``. An
+    unsure answer (its prediction set holds several classes) ends with ``unsure: {a, b}``."""
     header = ("PATH", "LABEL", "CONFIDENCE", f"TOP-{top_k}")
     rows = []
     for o in outcomes:
@@ -141,6 +164,8 @@ def format_table(outcomes: Sequence[Outcome], top_k: int = TOP_K) -> str:
             continue
         probs = sorted(o.prediction["probabilities"].items(), key=lambda kv: -kv[1])[:top_k]
         top = ", ".join(f"{name} {p:.3f}" for name, p in probs)
+        if o.prediction.get("unsure"):
+            top += f"  unsure: {{{', '.join(map(str, o.prediction['prediction_set']))}}}"
         rows.append((str(o.path), str(o.prediction["label"]), f"{o.prediction['confidence']:.4f}", top))
     path_w = max(len(header[0]), *(len(r[0]) for r in rows)) if rows else len(header[0])
     label_w = max([len(header[1])] + [len(r[1]) for r in rows if len(r) == 4])
@@ -162,6 +187,9 @@ def _as_json(o: Outcome) -> dict[str, Any]:
         "label_id": int(p["label_id"]),
         "confidence": float(p["confidence"]),
         "probabilities": {k: float(v) for k, v in p["probabilities"].items()},
+        # a model registered before prediction sets has neither
+        **({"prediction_set": [str(c) for c in p["prediction_set"]], "unsure": bool(p["unsure"])}
+           if "prediction_set" in p else {}),
     }
 
 def _first_line(text: str) -> str:

@@ -1,5 +1,5 @@
 """Figures people would rather look at than read, for `evaluate`: confusion matrices, the most
-confident mistakes, and test accuracy per variant. (Training curves: `cnnlab.training.curves`.)"""
+confident mistakes, test accuracy per variant, and reliability diagrams. (Training curves: `cnnlab.training.curves`.)"""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 # The object API, not pyplot: it needs no backend, so importing cnnlab never switches the
 # caller's (a notebook's inline backend, say), and figures are freed with their last reference.
@@ -20,6 +21,20 @@ _PNG_METADATA = {"Software": None}
 def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, metadata=_PNG_METADATA)
+
+
+save_figure = _save
+
+
+def overlay_axes(ax, image: np.ndarray, heat: np.ndarray | None) -> None:
+    """Draw a uint8 (C, H, W) image (grey when C = 1), with a [0, 1] heat map over it when given."""
+    ax.axis("off")
+    if image.shape[0] == 1:
+        ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(np.transpose(image, (1, 2, 0)))
+    if heat is not None:
+        ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
 
 
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, *, title: str) -> None:
@@ -61,10 +76,12 @@ def plot_misclassified(
     path: Path,
     *,
     title: str,
+    heat: np.ndarray | None = None,
 ) -> None:
     """A square-ish grid of mistakes, each titled "true → predicted (p)".
 
-    ``images``: uint8 (N, C, H, W) as the model saw them; grey (C = 1) is drawn in grey.
+    ``images``: uint8 (N, C, H, W) as the model saw them; grey (C = 1) is drawn in grey. ``heat``:
+    (N, H, W) Grad-CAM maps in [0, 1] drawn over them (`cnnlab.evaluation.explain`).
     """
     n = len(images)
     cols = max(1, math.ceil(math.sqrt(n)))
@@ -73,11 +90,8 @@ def plot_misclassified(
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, t, p, conf in zip(axes.flat, images, true_names, predicted_names, confidences):
-        if img.shape[0] == 1:
-            ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
-        else:
-            ax.imshow(np.transpose(img, (1, 2, 0)))
+    for i, (ax, img, t, p, conf) in enumerate(zip(axes.flat, images, true_names, predicted_names, confidences)):
+        overlay_axes(ax, img, None if heat is None else heat[i])
         ax.set_title(f"{t} →\n{p} ({conf:.2f})", fontsize=7)
     if n == 0:
         axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
@@ -121,5 +135,33 @@ def plot_accuracy(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left")  # the top-left corner is empty: the axis runs to 1.0
     ax.set_title("Accuracy per variant")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_reliability(panels: Sequence[tuple[str, float, pd.DataFrame, pd.DataFrame]], path: Path) -> None:
+    """One reliability diagram per model: accuracy against mean confidence in each confidence bin,
+    as the model is and after its temperature. ``panels``: (name, T, before, after), the last two
+    `cnnlab.evaluation.calibration.reliability` tables. On the diagonal, confidence means what it says;
+    below it the model is over-confident. Marker area follows the bin's share of the images."""
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.6 * cols, 3.6 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, (name, temperature, before, after) in zip(axes, panels):
+        ax.plot([0, 1], [0, 1], color="0.6", linewidth=1, linestyle="--")
+        for table, label, colour in ((before, "as trained", "tab:red"), (after, f"T = {temperature:.2f}", "tab:blue")):
+            share = table["count"] / max(1, int(table["count"].sum()))
+            ax.plot(table["confidence"], table["accuracy"], color=colour, linewidth=1, label=label)
+            ax.scatter(table["confidence"], table["accuracy"], s=10 + 400 * share, color=colour, alpha=0.6)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(name)
+        ax.set_xlabel("confidence (bin mean)")
+        ax.set_ylabel("accuracy")
+        ax.legend(loc="upper left", fontsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Test reliability: below the diagonal = over-confident")
     fig.tight_layout()
     _save(fig, path)

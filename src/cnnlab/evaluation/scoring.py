@@ -19,6 +19,9 @@ from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix as _confusion_matrix
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
+from cnnlab.evaluation.calibration import expected_calibration_error, scaled
+from cnnlab.evaluation.conformal import coverage_and_size, prediction_sets
+
 ENSEMBLE = "ensemble"
 
 # Clipping p(true class) at 1e-15 caps one sample's loss at ~34.5 nats (scikit-learn's old
@@ -120,6 +123,19 @@ def ensemble_probabilities(probs: Sequence[np.ndarray]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class TtaReport:
+    """A model's test-time views (`cnnlab.evaluation.tta`) on test, served or not: whether they are
+    served (``used``, chosen on validation, with that McNemar p-value), the test accuracy with them,
+    its interval, and the exact McNemar p-value against the same model without them."""
+
+    used: bool
+    val_p: float
+    test_accuracy: float
+    ci: tuple[float, float]
+    test_p: float
+
+
+@dataclass(frozen=True)
 class VariantResult:
     """One model (or the ensemble) scored on the test split."""
 
@@ -136,11 +152,33 @@ class VariantResult:
     confusion: np.ndarray  # (K, K)
     val_accuracy: float | None  # from training (None for the ensemble: it was never validated)
     parameters: int
+    temperature: float  # fitted on the validation split; 1.0 = as the model is
+    calibrated: np.ndarray  # (N, K) probs after temperature scaling: what the served model answers
+    test_ece: float  # of probs
+    test_ece_calibrated: float
+    test_loss_calibrated: float
+    conformal_threshold: float  # of the calibrated probabilities, from validation (1.0: every class)
+    covered: np.ndarray  # (N,) bool: the prediction set holds the true class
+    coverage_ci: tuple[float, float]
+    set_size: float  # mean classes per prediction set
+    tta: TtaReport | None = None  # test-time augmentation, when evaluate.tta names views (not the ensemble)
 
     def metrics(self) -> dict[str, float]:
         """The headline numbers under the names every variant's MLflow run and the DVC metrics use."""
         return {"test_accuracy": self.test_accuracy, "test_accuracy_ci_low": self.ci_low,
-                "test_accuracy_ci_high": self.ci_high, "test_loss": self.test_loss, "test_macro_f1": self.macro_f1}
+                "test_accuracy_ci_high": self.ci_high, "test_loss": self.test_loss, "test_macro_f1": self.macro_f1,
+                "temperature": self.temperature, "test_loss_calibrated": self.test_loss_calibrated,
+                "test_ece": self.test_ece, "test_ece_calibrated": self.test_ece_calibrated,
+                "conformal_threshold": self.conformal_threshold, "test_coverage": float(self.covered.mean()),
+                "test_coverage_ci_low": self.coverage_ci[0], "test_coverage_ci_high": self.coverage_ci[1],
+                "test_set_size": self.set_size, **self._tta_metrics()}
+
+    def _tta_metrics(self) -> dict[str, float]:
+        if self.tta is None:
+            return {}
+        return {"tta_used": float(self.tta.used), "tta_val_p": self.tta.val_p,
+                "test_accuracy_tta": self.tta.test_accuracy, "test_accuracy_tta_ci_low": self.tta.ci[0],
+                "test_accuracy_tta_ci_high": self.tta.ci[1], "tta_test_p": self.tta.test_p}
 
 
 def score(
@@ -154,8 +192,12 @@ def score(
     seed: int,
     val_accuracy: float | None,
     parameters: int,
+    temperature: float = 1.0,
+    conformal_threshold: float = 1.0,
 ) -> VariantResult:
-    """Every statistic for one model's test probabilities."""
+    """Every statistic for one model's test probabilities, before and after scaling them by
+    ``temperature``, and of its prediction sets at ``conformal_threshold`` (both fitted on
+    validation: `cnnlab.evaluation.calibration`, `cnnlab.evaluation.conformal`)."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if probs.shape != (len(labels), len(classes)):
@@ -163,12 +205,19 @@ def score(
     predicted = probs.argmax(axis=1)
     correct = predicted == labels
     low, high = bootstrap_interval(correct, samples=bootstrap_samples, confidence=confidence, seed=seed)
+    # Clipped before the log: a probability that underflowed to 0 stays ~0 after scaling.
+    calibrated = scaled(np.log(np.clip(probs, 1e-300, 1.0)), temperature)
+    covered, set_size = coverage_and_size(prediction_sets(calibrated, conformal_threshold), labels)
     return VariantResult(
         name=name, probs=probs, predicted=predicted, correct=correct, test_accuracy=float(correct.mean()),
         ci_low=low, ci_high=high, test_loss=mean_cross_entropy(probs, labels),
         macro_f1=macro_f1(labels, predicted, len(classes)), per_class=per_class_metrics(labels, predicted, classes),
         confusion=confusion_matrix(labels, predicted, len(classes)), val_accuracy=val_accuracy,
-        parameters=parameters)
+        parameters=parameters, temperature=float(temperature), calibrated=calibrated,
+        test_ece=expected_calibration_error(probs, labels), test_ece_calibrated=expected_calibration_error(calibrated, labels),
+        test_loss_calibrated=mean_cross_entropy(calibrated, labels), conformal_threshold=float(conformal_threshold),
+        covered=covered, set_size=set_size,
+        coverage_ci=bootstrap_interval(covered, samples=bootstrap_samples, confidence=confidence, seed=seed))
 
 
 def comparison_table(results: Sequence[VariantResult]) -> pd.DataFrame:
@@ -176,7 +225,16 @@ def comparison_table(results: Sequence[VariantResult]) -> pd.DataFrame:
     return pd.DataFrame([{
         "variant": r.name, "val_accuracy": r.val_accuracy, "test_accuracy": r.test_accuracy,
         "ci_low": r.ci_low, "ci_high": r.ci_high, "test_loss": r.test_loss, "macro_f1": r.macro_f1,
-        "parameters": r.parameters,
+        "parameters": r.parameters, "temperature": r.temperature, "test_loss_calibrated": r.test_loss_calibrated,
+        "ece": r.test_ece, "ece_calibrated": r.test_ece_calibrated,
+        "coverage": float(r.covered.mean()), "coverage_ci_low": r.coverage_ci[0],
+        "coverage_ci_high": r.coverage_ci[1], "set_size": r.set_size,
+        "tta_used": None if r.tta is None else r.tta.used,
+        "tta_val_p": None if r.tta is None else r.tta.val_p,
+        "test_accuracy_tta": None if r.tta is None else r.tta.test_accuracy,
+        "tta_ci_low": None if r.tta is None else r.tta.ci[0],
+        "tta_ci_high": None if r.tta is None else r.tta.ci[1],
+        "tta_test_p": None if r.tta is None else r.tta.test_p,
     } for r in results]).astype({"val_accuracy": "float64", "parameters": "int64"})
 
 
@@ -189,9 +247,27 @@ def comparison_markdown(table: pd.DataFrame, confidence: float) -> str:
         "val acc": [_percent(v) for v in table["val_accuracy"]],
         "test acc": [_percent(v) for v in table["test_accuracy"]],
         level: [f"[{lo * 100:.2f}, {hi * 100:.2f}]" for lo, hi in zip(table["ci_low"], table["ci_high"])],
-        "test loss": [f"{v:.4f}" for v in table["test_loss"]],
         "macro F1": [f"{v:.4f}" for v in table["macro_f1"]],
+        # Calibration: negative log-likelihood and expected calibration error (15 bins), as the
+        # model is -> after its temperature T (fitted on validation; the served model applies it).
+        "T": [f"{v:.3f}" for v in table["temperature"]],
+        "test NLL": [f"{a:.4f} -> {b:.4f}" for a, b in zip(table["test_loss"], table["test_loss_calibrated"])],
+        "test ECE": [f"{a:.4f} -> {b:.4f}" for a, b in zip(table["ece"], table["ece_calibrated"])],
+        # Conformal prediction sets (threshold from validation): share of test images whose set
+        # holds the true class, with its interval, and the mean number of classes per set.
+        "set coverage": [f"{c * 100:.2f}% [{lo * 100:.2f}, {hi * 100:.2f}]" for c, lo, hi in
+                         zip(table["coverage"], table["coverage_ci_low"], table["coverage_ci_high"])],
+        "set size": [f"{v:.2f}" for v in table["set_size"]],
     })
+    if table["tta_used"].notna().any():
+        # Test-time augmentation: served with it or not (chosen on validation: McNemar p there), and
+        # its test accuracy with interval and McNemar p against the same model without it.
+        shown["TTA"] = ["" if pd.isna(u) else f"{'on' if u else 'off'} (val p {p:.2g})"
+                        for u, p in zip(table["tta_used"], table["tta_val_p"])]
+        shown["test acc, TTA"] = ["" if pd.isna(a) else f"{a * 100:.2f}% [{lo * 100:.2f}, {hi * 100:.2f}]"
+                                  for a, lo, hi in zip(table["test_accuracy_tta"], table["tta_ci_low"],
+                                                       table["tta_ci_high"])]
+        shown["TTA p (test)"] = ["" if pd.isna(p) else f"{p:.3g}" for p in table["tta_test_p"]]
     # disable_numparse: tabulate would otherwise re-parse "0.8600" as a number and print 0.86.
     return shown.to_markdown(index=False, colalign=("left", *["right"] * (shown.shape[1] - 1)),
                              disable_numparse=True) + "\n"

@@ -3,8 +3,8 @@
 The training stages log the trained model's files (``classifier/``), not the pyfunc: what serves
 them (this package) is then not a dependency of training, and editing it re-runs `register` only.
 `register` runs whenever its dependencies change, so a logged pyfunc is reused while nothing that
-goes into it has changed: the model's files, the serving limits, and the code shipped with it
-(the cnnlab package). Its tag ``cnnlab.served`` holds the digest of all three.
+goes into it has changed: the model's files, the serving limits and temperature, and the code
+shipped with it (the cnnlab package). Its tag ``cnnlab.served`` holds the digest of all of them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
@@ -39,8 +40,9 @@ def example_images(split_dir: Path, count: int = 2) -> list[bytes]:
     return list(iter_images(split_dir, "val", limit=count))
 
 
-def served_digest(model_dir: Path, limits: dict[str, int | None]) -> str:
-    """What a logged pyfunc is made of: the model's files, its limits and the package's code."""
+def served_digest(model_dir: Path, limits: dict[str, Any]) -> str:
+    """What a logged pyfunc is made of: the model's files, its settings (limits, temperature, prediction sets, test-time views) and
+    the package's code."""
     h = hashlib.sha256()
     for name in ("spec.json", "weights.pt"):
         h.update(f"{name}:{file_digest(model_dir / name)}\n".encode())
@@ -51,9 +53,10 @@ def served_digest(model_dir: Path, limits: dict[str, int | None]) -> str:
     return h.hexdigest()
 
 
-def publish(run_id: str, model_dir: Path, *, limits: dict[str, int | None], examples: Sequence[bytes]) -> str:
+def publish(run_id: str, model_dir: Path, *, limits: dict[str, Any], examples: Sequence[bytes]) -> str:
     """The URI (``models:/m-...``) of ``model_dir``'s pyfunc in run ``run_id``: the one already
-    logged there from the same files, limits and code, else a new one logged now."""
+    logged there from the same files, settings (`log_classifier`'s keywords: max_pixels, max_side,
+    temperature, conformal_threshold, coverage, tta) and code, else a new one logged now."""
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     digest = served_digest(model_dir, limits)

@@ -5,7 +5,11 @@ the same pixels as evaluation did. Input: a DataFrame with an ``image`` column o
 bytes (PNG, JPEG, ...) or base64 strings. Output, one row per image: ``label`` (class name),
 ``label_id``, ``confidence`` (the top probability) and ``probabilities`` (a dict class name ->
 probability; the signature declares it as ``Map(double)``, and `mlflow models serve` writes it as
-a JSON object).
+a JSON object), ``prediction_set`` (the classes, most probable first, that hold the true one with
+probability ``coverage``) and ``unsure`` (more than one class in that set). The probabilities are
+calibrated: the logits are divided by the temperature that `evaluate` fitted on the validation
+split (model config ``temperature``); the sets use its conformal threshold (``conformal_threshold``,
+`cnnlab.evaluation.conformal`).
 
 Bad requests get an HTTP 400 whose JSON ``message`` names the row and the reason, never the
 payload and never a stack trace. That takes two precautions against MLflow's scoring server
@@ -47,7 +51,7 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, Schema
-from mlflow.types.schema import Map
+from mlflow.types.schema import Array, Map
 
 import cnnlab
 from cnnlab.data.images import (
@@ -57,6 +61,8 @@ from cnnlab.data.images import (
     load_image_bytes,
 )
 from cnnlab.data.preprocess import prepare
+from cnnlab.evaluation.conformal import prediction_sets
+from cnnlab.evaluation.tta import VIEWS, mean_probabilities, views
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
 from cnnlab.serving.batching import Coalescer
 
@@ -77,6 +83,8 @@ OUTPUT_SCHEMA = Schema(
         ColSpec(DataType.long, "label_id"),
         ColSpec(DataType.double, "confidence"),
         ColSpec(Map(DataType.double), "probabilities"),
+        ColSpec(Array(DataType.string), "prediction_set"),
+        ColSpec(DataType.boolean, "unsure"),
     ]
 )
 # Models-from-code: MLflow copies this file into the model and runs it to build the pyfunc.
@@ -137,11 +145,31 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self._max_side = config.get("max_side")  # None: models logged before it was recorded
         self._max_rows = int(config.get("max_rows", DEFAULT_MAX_ROWS))
         self._max_request_pixels = int(config.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS))
+        # The temperature `evaluate` fitted on the validation split (1.0: a model logged before it).
+        self._temperature = float(config.get("temperature", 1.0))
+        if not self._temperature > 0:
+            raise ValueError(f"model config temperature must be > 0, got {self._temperature}")
+        # 1.0 (every class in the set) for a model logged without one: no promise is broken.
+        self._threshold = float(config.get("conformal_threshold", 1.0))
+        self._tta = tuple(config.get("tta") or ())
+        unknown = sorted(set(self._tta) - set(VIEWS))
+        if unknown:
+            raise ValueError(f"model config tta: unknown view(s) {unknown}; known: {sorted(VIEWS)}")
         self._model, self._spec = load_classifier(Path(context.artifacts["model"]))
         self._model.eval()
         # The server's threads take turns and share passes (cnnlab.serving.batching): under load one batch
         # of the waiting requests' images instead of one small pass per request, all at once.
-        self._forward = Coalescer(lambda batch: probabilities(self._model, batch), max_rows=64)
+        self._forward = Coalescer(lambda batch: probabilities(self._model, batch, self._temperature, self._tta),
+                                  max_rows=64)
+
+    @property
+    def network(self) -> Classifier:
+        """The PyTorch model it serves (`python -m cnnlab predict --explain` reads its gradients)."""
+        return self._model
+
+    def prepare_upload(self, data: bytes) -> torch.Tensor:
+        """One encoded image as this model reads it, with the limits it serves with."""
+        return prepared(load_image_bytes(data, max_pixels=self._max_pixels), self._spec, self._max_side)
 
     def predict(
         self,
@@ -156,7 +184,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             images = _images_from(model_input)
             return predict_images(self._model, self._spec, images, max_pixels=self._max_pixels,
                                   max_side=self._max_side, max_total_pixels=self._max_request_pixels,
-                                  forward=self._forward)
+                                  forward=self._forward, conformal_threshold=self._threshold)
         except ServingError:
             raise
         except Exception as e:
@@ -179,6 +207,8 @@ def predict_images(
     max_total_pixels: int | None = None,
     batch_size: int = 64,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    conformal_threshold: float = 1.0,
 ) -> pd.DataFrame:
     """Classify encoded images; every image is decoded first, so one bad row fails the request.
 
@@ -187,7 +217,8 @@ def predict_images(
     shrink of large images (after its colour conversion), so a photo is resampled exactly as the
     training and test images were. ``max_total_pixels`` bounds the pixels decoded for the whole
     call: the work stops at the first image that goes over it. ``forward`` (default
-    `probabilities` of ``model``) maps a batch of prepared images to class probabilities.
+    `probabilities` of ``model`` at ``temperature``) maps a batch of prepared images to class
+    probabilities; ``conformal_threshold`` gives the prediction sets.
     """
     if len(images) == 0:
         raise ServingError(f"no images in the request: send at least one row in {IMAGE_COLUMN!r}")
@@ -201,26 +232,44 @@ def predict_images(
         if max_total_pixels is not None and total > max_total_pixels:
             raise ServingError(f"the request's images hold more than {max_total_pixels} pixels together "
                                f"(model config max_request_pixels): send them in smaller requests", row=row)
-        if max_side is not None:
-            image = downscale(convert_mode(image, spec.mode), max_side)
-        tensors.append(prepare(image, mode=spec.mode, size=spec.image_size))
-    forward = forward or (lambda batch: probabilities(model, batch))
+        tensors.append(prepared(image, spec, max_side))
+    forward = forward or (lambda batch: probabilities(model, batch, temperature))
     chunks = [forward(torch.stack(tensors[start : start + batch_size])) for start in range(0, len(tensors), batch_size)]
     probs = torch.cat(chunks).double().numpy()
     ids = probs.argmax(axis=1)
+    sets = prediction_sets(probs, conformal_threshold)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    members = [[spec.classes[k] for k in row_order if in_set[k]] for row_order, in_set in zip(order, sets)]
     return pd.DataFrame(
         {
             "label": [spec.classes[i] for i in ids],
             "label_id": ids.astype(np.int64),
             "confidence": probs.max(axis=1),
             "probabilities": [dict(zip(spec.classes, map(float, p))) for p in probs],
+            "prediction_set": members,
+            "unsure": [len(m) > 1 for m in members],
         }
     )
 
 
-def probabilities(model: Classifier, batch: torch.Tensor) -> torch.Tensor:
+def prepared(image: Any, spec: ModelSpec, max_side: int | None) -> torch.Tensor:
+    """A decoded upload as the model reads it: the split's one-time shrink past ``max_side`` (after
+    its colour conversion), then the model's resize, crop and mode (`cnnlab.data.preprocess`)."""
+    if max_side is not None:
+        image = downscale(convert_mode(image, spec.mode), max_side)
+    return prepare(image, mode=spec.mode, size=spec.image_size)
+
+
+def probabilities(model: Classifier, batch: torch.Tensor, temperature: float = 1.0,
+                  tta: Sequence[str] = ()) -> torch.Tensor:
+    """softmax(logits / temperature): the calibrated class probabilities (same argmax at any T).
+    With ``tta`` views (`cnnlab.evaluation.tta`), the mean of the views' probabilities takes the
+    logits' place (its log, divided by T), as `evaluate` fitted T on them."""
     with torch.inference_mode():  # thread-local: entered by whichever thread runs the pass
-        return torch.softmax(model(batch).float(), dim=1)
+        if not tta:
+            return torch.softmax(model(batch).float() / temperature, dim=1)
+        mean = mean_probabilities([model(view) for view in views(batch, tta)])
+        return torch.softmax(torch.log(mean.clamp_min(1e-30)) / temperature, dim=1)
 
 
 def log_classifier(
@@ -231,6 +280,10 @@ def log_classifier(
     registered_model_name: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = None,
+    temperature: float = 1.0,
+    conformal_threshold: float = 1.0,
+    coverage: float | None = None,
+    tta: Sequence[str] = (),
     tags: dict[str, str] | None = None,
 ) -> ModelInfo:
     """Log a saved classifier folder as a self-contained pyfunc into the active run (``tags`` on
@@ -241,7 +294,10 @@ def log_classifier(
     MLflow stores the example (at most 2 images) as base64 and, at log time, loads the model and
     predicts on it (only warning if that fails); before that, `_pip_requirements` loads and
     predicts on it to see what the model imports, and that raises on a failure. ``max_pixels`` and
-    ``max_side`` are the split stage's limits (its ``preprocess.json``), kept in the model config.
+    ``max_side`` are the split stage's limits (its ``preprocess.json``), kept in the model config
+    with ``temperature`` (evaluate's, fitted on validation), which divides the logits, and the
+    prediction sets' ``conformal_threshold`` for ``coverage`` (evaluate's too; coverage is for the
+    reader), and the test-time views ``tta`` evaluate chose (empty: one forward pass per image).
 
     Served with ``mlflow models serve -m models:/NAME@ALIAS --env-manager local``, it takes
     ``{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}``, or the same
@@ -256,13 +312,16 @@ def log_classifier(
     # with bytecode caching on (Python's default) a __pycache__ would ship inside the model.
     dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
-        return _log_model(name, model_dir, example_images, registered_model_name, max_pixels, max_side, tags)
+        settings = {"max_pixels": max_pixels, "max_side": max_side, "max_rows": DEFAULT_MAX_ROWS,
+                    "max_request_pixels": DEFAULT_MAX_REQUEST_PIXELS, "temperature": temperature,
+                    "conformal_threshold": conformal_threshold, "coverage": coverage, "tta": list(tta)}
+        return _log_model(name, model_dir, example_images, registered_model_name, settings, tags)
     finally:
         sys.dont_write_bytecode = dont_write
 
 
 def _log_model(name: str, model_dir: Path, example_images: Sequence[bytes], registered_model_name: str | None,
-               max_pixels: int, max_side: int | None, tags: dict[str, str] | None) -> ModelInfo:
+               settings: dict[str, Any], tags: dict[str, str] | None) -> ModelInfo:
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(_ENTRY_POINT),
@@ -270,12 +329,11 @@ def _log_model(name: str, model_dir: Path, example_images: Sequence[bytes], regi
         code_paths=[str(Path(cnnlab.__file__).parent)],
         # Every key an operator may override: MLflow applies SERVING_MODEL_CONFIG (or load_model's
         # model_config) only to keys the logged config already has.
-        model_config={"max_pixels": max_pixels, "max_side": max_side, "max_rows": DEFAULT_MAX_ROWS,
-                      "max_request_pixels": DEFAULT_MAX_REQUEST_PIXELS},
+        model_config=settings,
         signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
         input_example=pd.DataFrame({IMAGE_COLUMN: list(example_images[:2])}, dtype=object),
         registered_model_name=registered_model_name,
-        pip_requirements=_pip_requirements(model_dir, example_images[:2], max_pixels, max_side),
+        pip_requirements=_pip_requirements(model_dir, example_images[:2], settings),
         tags=tags,
     )
 
@@ -347,8 +405,7 @@ def limit_threads() -> None:
         torch.set_num_threads(max(1, min(4, cores or 1)))
 
 
-def _pip_requirements(model_dir: Path, example_images: Sequence[bytes], max_pixels: int,
-                      max_side: int | None) -> list[str]:
+def _pip_requirements(model_dir: Path, example_images: Sequence[bytes], settings: dict[str, Any]) -> list[str]:
     """What the model's environment must install, read off the code that loads and serves it.
 
     `mlflow models serve` and `predict` (unless ``--env-manager local``) and docker builds
@@ -360,8 +417,7 @@ def _pip_requirements(model_dir: Path, example_images: Sequence[bytes], max_pixe
 
     def load_and_predict() -> None:
         model = ImageClassifierModel()
-        config = {"max_pixels": max_pixels, "max_side": max_side}
-        model.load_context(mlflow.pyfunc.PythonModelContext({"model": str(model_dir)}, config))
+        model.load_context(mlflow.pyfunc.PythonModelContext({"model": str(model_dir)}, settings))
         model.predict(None, pd.DataFrame({IMAGE_COLUMN: list(example_images)}, dtype=object))
 
     return served_requirements(_ENTRY_POINT, Path(cnnlab.__file__).parent, load_and_predict)

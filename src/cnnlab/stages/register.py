@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import mlflow
 
 from cnnlab.config import RegistryParams
-from cnnlab.utils.files import write_json
 from cnnlab.serving.publish import example_images, publish, serving_limits
 from cnnlab.tracking.model_registry import (
     Candidate,
@@ -26,14 +26,19 @@ from cnnlab.tracking.model_registry import (
     require_run,
 )
 from cnnlab.tracking.runs import dvc_experiment_tags, end_stale_runs, tracking_uri
+from cnnlab.utils.files import write_json
+
+_log = logging.getLogger(__name__)
 
 
 def register(models_dir: Path, split_dir: Path, test_metrics: Path, out: Path, *, stages: dict[str, str],
-             cfg: RegistryParams) -> str:
+             cfg: RegistryParams, coverage: float, tta: list[str]) -> str:
     """Publish and register ``models_dir/<variant>`` for each variant in ``stages`` (variant -> the
     DVC stage that trains it, for error messages), in that order (a tie goes to the first); write
     the summary to ``out``; return it as text, with the command that serves the champion.
-    ``split_dir`` gives the served model its decode limits and input example."""
+    ``split_dir`` gives the served model its decode limits and input example, ``test_metrics``
+    (evaluate's) each variant's test accuracy, temperature, conformal threshold (fitted for
+    ``coverage``, evaluate's param) and whether its test-time views (``tta``, evaluate's) are used."""
     test = json.loads(test_metrics.read_text()) if test_metrics.exists() else None
     candidates = [read_candidate(name, models_dir / name, test, stage) for name, stage in stages.items()]
     mlflow.set_tracking_uri(tracking_uri())
@@ -42,7 +47,9 @@ def register(models_dir: Path, split_dir: Path, test_metrics: Path, out: Path, *
     # experiments (cnnlab.utils.run_guard; the watcher covers a SIGKILL, this a power cut).
     end_stale_runs(sorted({e for c in candidates if (e := _experiment_of(client, c.run_id))}))
     limits, examples = serving_limits(split_dir), example_images(split_dir)
-    candidates = [dataclasses.replace(c, model_uri=_publish(c, models_dir, stages, limits, examples))
+    candidates = [dataclasses.replace(c, model_uri=_publish(c, models_dir, stages,
+                                                            {**limits, **_trust(test, c.variant, coverage, tta)},
+                                                            examples))
                   for c in candidates]
     tags = dvc_experiment_tags()
     experiment = tags.get("dvc.exp_name")
@@ -64,6 +71,22 @@ def register(models_dir: Path, split_dir: Path, test_metrics: Path, out: Path, *
 def _publish(c: Candidate, models_dir: Path, stages: dict[str, str], limits: dict, examples: list[bytes]) -> str:
     require_run(mlflow.MlflowClient(), c, stages[c.variant])
     return publish(c.run_id, models_dir / c.variant, limits=limits, examples=examples)
+
+
+def _trust(test_metrics: dict | None, variant: str, coverage: float, tta: list[str]) -> dict:
+    """What evaluate fitted on validation for ``variant`` (its metrics file) and the served model
+    applies: the temperature, the prediction sets' threshold, and the test-time views ``tta``
+    where evaluate chose them. Without them (evaluate has not recorded any) the model is served as
+    trained and every set holds every class."""
+    metrics = (test_metrics or {}).get(variant, {})
+    if "temperature" not in metrics or "conformal_threshold" not in metrics:
+        _log.warning("%s: no temperature or conformal threshold in the evaluate metrics; its served "
+                     "probabilities are not calibrated and its prediction sets hold every class (run "
+                     "`dvc repro evaluate` first)", variant)
+        return {"temperature": 1.0, "conformal_threshold": 1.0, "coverage": None, "tta": []}
+    return {"temperature": float(metrics["temperature"]),
+            "conformal_threshold": float(metrics["conformal_threshold"]), "coverage": coverage,
+            "tta": list(tta) if metrics.get("tta_used") else []}
 
 
 def _experiment_of(client: mlflow.MlflowClient, run_id: str) -> str | None:
