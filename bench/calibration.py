@@ -5,7 +5,7 @@ temperature, and the prediction sets' coverage, for every registered variant.
 Run from the repository root after `make repro` (the default run: Fashion-MNIST with caps)::
 
     .venv/bin/python bench/calibration.py                 # every version in data/registry.json
-    .venv/bin/python bench/calibration.py --limit 2000
+    .venv/bin/python bench/calibration.py --limit 2000 --variants regularized fine_tune
 
 Held-back images: the Fashion-MNIST test images (t10k) that data/split/test.csv does not hold
 (the default caps use 500 of each class's 1,000). Each is encoded as the PNG the split stage
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--split", type=Path, default=Path("data/split"))
     ap.add_argument("--registry", type=Path, default=Path("data/registry.json"))
     ap.add_argument("--limit", type=int, default=None, help="at most this many held-back images")
+    ap.add_argument("--variants", nargs="+", metavar="NAME", help="only these registered variants (default: all)")
     args = ap.parse_args()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
@@ -95,6 +96,8 @@ def main() -> None:
     print("| variant | version | T | accuracy | mean confidence | ECE as trained -> served | NLL as trained -> served "
           "| set coverage [95%] | set size |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for variant, version in registry["versions"].items():
+        if args.variants and variant not in args.variants:
+            continue
         uri = f"models:/{registry['model_name']}/{version}"
         served = measure(uri, images, labels, classes, None)
         raw = measure(uri, images, labels, classes, {"temperature": 1.0, "conformal_threshold": 1.0})

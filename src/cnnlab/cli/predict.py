@@ -112,7 +112,8 @@ def predict_files(model: Any, files: Sequence[Path], *, batch_size: int = 64) ->
             yield done[path]
 
 def explain_files(model: Any, outcomes: Sequence[Outcome], out_dir: Path) -> list[Path]:
-    """For each classified file, ``out_dir/<name>.gradcam.png``: the image as the model reads it
+    """For each classified file, ``out_dir/<name>.gradcam.png`` (``<folder>_<name>`` when two
+    files share a name): the image as the model reads it
     beside a Grad-CAM map of the predicted class (`cnnlab.evaluation.explain`). Needs a cnnlab
     pyfunc (its PyTorch model); returns the files written."""
     from cnnlab.evaluation.explain import grad_cam, save_overlay
@@ -128,6 +129,10 @@ def explain_files(model: Any, outcomes: Sequence[Outcome], out_dir: Path) -> lis
         tensor = inner.prepare_upload(o.path.read_bytes())
         heat = grad_cam(inner.network, tensor[None], [int(o.prediction["label_id"])])[0]
         target = out_dir / f"{o.path.name}.gradcam.png"
+        if target in written:  # the same file name from another folder: keep both
+            target = out_dir / f"{o.path.parent.name}_{o.path.name}.gradcam.png"
+        while target in written:
+            target = target.with_name(f"{len(written)}_{target.name}")
         save_overlay(tensor.numpy(), heat, target,
                      title=f"{o.path.name}: {o.prediction['label']} ({o.prediction['confidence']:.2f})")
         written.append(target)
