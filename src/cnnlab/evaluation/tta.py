@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
 
-from cnnlab.evaluation.scoring import mcnemar
+# SciPy and cnnlab.evaluation.scoring (scikit-learn) are imported inside the functions that need
+# them: the served model imports this module for its views, and its environment should not.
 
 VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "hflip": lambda x: torch.flip(x, dims=[-1]),  # left-right mirror of (N, C, H, W)
@@ -34,6 +34,8 @@ def views(batch: torch.Tensor, names: Sequence[str]) -> list[torch.Tensor]:
 
 def mean_log_probabilities(log_probs: Sequence[np.ndarray]) -> np.ndarray:
     """log of the mean of the views' probabilities (soft voting over views), computed stably."""
+    from scipy.special import logsumexp
+
     stacked = np.stack([np.asarray(lp, dtype=np.float64) for lp in log_probs])
     return logsumexp(stacked, axis=0) - np.log(len(stacked))
 
@@ -55,6 +57,8 @@ class Choice:
 
 def choose(names: Sequence[str], plain_correct: np.ndarray, tta_correct: np.ndarray) -> Choice:
     """Use the views when they are right more often on validation and McNemar's p < ALPHA."""
+    from cnnlab.evaluation.scoring import mcnemar
+
     test = mcnemar(tta_correct, plain_correct)
     gain = float(np.mean(tta_correct) - np.mean(plain_correct))
     return Choice(views=tuple(names), used=bool(names) and gain > 0 and test.p_value < ALPHA, val_gain=gain,
