@@ -218,8 +218,8 @@ def _ensemble(members: list[VariantResult], fitted: dict[str, Calibrated], label
     calibrated models is usually under-confident: T < 1 sharpens it)."""
     val_probs = ensemble_probabilities([fitted[r.name].val_probabilities() for r in members])
     val_labels = fitted[members[0].name].val_labels
-    mine = Calibrated(np.log(np.clip(val_probs, 1e-300, 1.0)), val_labels, 1.0)
-    mine = dataclasses.replace(mine, temperature=_fit(ENSEMBLE, mine.val_scores, val_labels))
+    val_scores = np.log(np.clip(val_probs, 1e-300, 1.0))
+    mine = Calibrated(val_scores, val_labels, _fit(ENSEMBLE, val_scores, val_labels))
     return score(ENSEMBLE, ensemble_probabilities([r.calibrated for r in members]), labels, classes=classes,
                  bootstrap_samples=cfg.bootstrap_samples, confidence=cfg.confidence, seed=seed,
                  val_accuracy=None, parameters=sum(r.parameters for r in members), temperature=mine.temperature,
