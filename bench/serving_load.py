@@ -5,9 +5,11 @@ Run from the repository root, once `dvc repro` has set the alias, on an idle mac
 
     .venv/bin/python bench/serving_load.py                     # ~10 min: workers 1 and 2, 32 and 128 clients
     .venv/bin/python bench/serving_load.py --duration 10 --clients 32 --workers 2 --no-abuse
+    .venv/bin/python bench/serving_load.py --model models:/cnnlab-classifier/4 models:/cnnlab-classifier/5 \
+        --workers 1 --clients 32 --duration 30 --no-abuse     # two models side by side, one after the other
 
-For the model (``--model``, default the registry alias) and the first 64 test images of
-data/split/test.csv it measures, in one run:
+For each model (``--model``, one or more URIs, default the registry alias) and the first 64 test
+images of data/split/test.csv it measures, in one run:
 
 * in-process, batch of 64: ``mlflow.pyfunc.load_model(uri).predict`` on 64 raw images in a loop
   for ``--baseline-s`` seconds, in this process before any server starts: the images/s a server
@@ -233,7 +235,7 @@ async def one_request(port: int, wire: bytes, timeout: float, *, close_early: bo
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="models:/cnnlab-classifier@champion")
+    ap.add_argument("--model", nargs="+", default=["models:/cnnlab-classifier@champion"])
     ap.add_argument("--split", type=Path, default=Path("data/split"))
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--clients", type=int, nargs="+", default=[32, 128])
@@ -246,9 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     images, source = load_images(args.split, 64)
-    print(f"model {args.model}; {source}; load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs",
-          file=sys.stderr, flush=True)
-    baseline, labels = in_process(args.model, images, args.baseline_s)
+    sections = []
+    for model in args.model:
+        print(f"model {model}; {source}; load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs",
+              file=sys.stderr, flush=True)
+        sections.append(f"### {model}\n\n" + measure(model, images, args))
+    print("\n\n".join(sections))
+    return 0
+
+
+def measure(model: str, images: list[bytes], args: argparse.Namespace) -> str:
+    """Every measurement above for one model; its report."""
+    baseline, labels = in_process(model, images, args.baseline_s)
     print(f"in-process batch of 64: {baseline:.1f} images/s", file=sys.stderr, flush=True)
     single = [(images[i],) for i in range(len(images))]
     batches = [tuple(images[(i * 16 + j) % len(images)] for j in range(16)) for i in range(len(images))]
@@ -257,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for workers in args.workers:
             port = free_port()
-            proc, startup = start_server(args.model, port, workers, Path(tmp) / f"serve-{workers}.log", 300)
+            proc, startup = start_server(model, port, workers, Path(tmp) / f"serve-{workers}.log", 300)
             try:
                 kinds = {"1 image": single, "16 images": batches}
                 wires = {k: [(request(port, body_of(list(group))), [expected[g] for g in group]) for group in groups]
@@ -286,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(abuse_rows[-1], file=sys.stderr, flush=True)
             finally:
                 stop_server(proc)
-    print(report(rows, abuse_rows, baseline, args))
-    return 0
+    return report(rows, abuse_rows, baseline, args)
 
 
 def _row(workers: int, load: Load, baseline: float, warm: float, end: float) -> str:

@@ -13,11 +13,13 @@ from cnnlab.tracking.store_errors import store_error
 
 
 def main() -> None:
-    args, params = parse(__doc__, "models", "split", "test_metrics", "out")
+    args, params = parse(__doc__, "models", "split", "test_metrics", "ensembles", "out")
+    variants = params.resolved_variants()
     print(register(Path(args.models), Path(args.split), Path(args.test_metrics), Path(args.out),
-                   stages={name: v.stage for name, v in params.resolved_variants().items()},
-                   cfg=params.registry, coverage=params.evaluate.coverage,
-                   tta=list(params.evaluate.tta)), end="")
+                   stages={name: v.stage for name, v in variants.items() if v.kind != "ensemble"},
+                   cfg=params.registry, coverage=params.evaluate.coverage, tta=list(params.evaluate.tta),
+                   ensembles={name: v.settings for name, v in variants.items() if v.kind == "ensemble"},
+                   ensembles_file=Path(args.ensembles)), end="")
 
 
 if __name__ == "__main__":

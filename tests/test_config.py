@@ -28,7 +28,8 @@ def _keys(model: type[BaseModel], data: dict, prefix: str = "") -> set[str]:
 
 # Leaves of the schema that hold free-form maps: builder arguments, and the variants of each kind
 # (each entry overrides its kind's section; see the variants tests below).
-LEAF_DICTS = ("scratch.arch_kwargs", "variants.scratch", "variants.feature_extract", "variants.fine_tune")
+LEAF_DICTS = ("scratch.arch_kwargs", "variants.scratch", "variants.feature_extract", "variants.fine_tune",
+              "variants.ensemble")
 
 
 def _yaml_keys(data: dict, prefix: str = "", leaf_dicts: tuple[str, ...] = LEAF_DICTS) -> set[str]:
@@ -131,7 +132,7 @@ def test_scratch_rules():
 # --- variants: one map per kind, each entry overriding its kind's section -------------------------
 
 def _variants(**by_kind) -> dict:
-    return {"variants": {"scratch": {}, "feature_extract": {}, "fine_tune": {}, **by_kind}}
+    return {"variants": {"scratch": {}, "feature_extract": {}, "fine_tune": {}, "ensemble": {}, **by_kind}}
 
 
 def test_repo_variants_resolve_in_table_order_with_their_stages():
@@ -139,7 +140,10 @@ def test_repo_variants_resolve_in_table_order_with_their_stages():
     assert [(n, v.kind, v.stage) for n, v in variants.items()] == [
         ("scratch", "scratch", "scratch@scratch"), ("regularized", "scratch", "scratch@regularized"),
         ("feature_extract", "feature_extract", "feature_extract@feature_extract"),
-        ("fine_tune", "fine_tune", "fine_tune@fine_tune")]
+        ("fine_tune", "fine_tune", "fine_tune@fine_tune"), ("ensemble", "ensemble", "evaluate")]
+    # `members: all` is every trained variant, in table order
+    assert variants["ensemble"].settings.members == ["scratch", "regularized", "feature_extract", "fine_tune"]
+    assert variants["ensemble"].settings.combine == "calibrated_mean"
     reg = variants["regularized"].settings
     assert (reg.dropout, reg.train_data, reg.epochs, reg.arch) == (0.3, "augmented", 100, "simple_cnn")
     assert variants["scratch"].settings.epochs == 40  # not overridden: the scratch section's
@@ -171,11 +175,23 @@ def test_an_entry_overrides_only_its_keys_and_nested_head_key_by_key():
      r"variants\.fine_tune\.ft\.from = 's': not a feature_extract variant \(have: none\)"),
     (_variants(scratch={"a.b": {}}), r"variants\.scratch\.a\.b: 'a\.b' is not a valid variant name"),
     (_variants(scratch={"../x": {}}), r"'\.\./x' is not a valid variant name"),
-    (_variants(scratch={"ensemble": {}}), r"variants\.scratch\.ensemble: 'ensemble' is reserved"),
+    (_variants(scratch={"mcnemar": {}}), r"variants\.scratch\.mcnemar: 'mcnemar' is reserved"),
+    (_variants(scratch={"a": {}, "b": {}}, ensemble={"e": {"members": ["a", "c"]}}),
+     r"variants\.ensemble\.e\.members: 'c' is not a trained variant \(have: a, b;"),
+    (_variants(scratch={"a": {}, "b": {}}, ensemble={"e": {"members": ["a"]}}),
+     r"variants\.ensemble\.e\.members: an ensemble needs at least two members, and it lists a;"),
+    (_variants(scratch={"a": {}, "b": {}}, ensemble={"e": {"members": "a"}}),
+     r"variants\.ensemble\.e: members = 'a': 'all', or a list of variant names"),
+    (_variants(scratch={"a": {}}, ensemble={"e": {}}),
+     r"variants\.ensemble\.e\.members: an ensemble needs at least two members, and 'all' is a;"),
+    (_variants(scratch={"a": {}, "b": {}}, ensemble={"e": {}, "f": {"members": ["a", "e"]}}),
+     r"variants\.ensemble\.f\.members: 'e' is not a trained variant"),
+    (_variants(scratch={"a": {}, "b": {}}, ensemble={"e": {"combine": "vote"}}),
+     r"variants\.ensemble\.e\.combine = 'vote'"),
     (_variants(scratch={"x": {}}, feature_extract={"x": {}}),
      r"variants\.feature_extract\.x: the name is also used by scratch@x"),
     ({"variants": {"scratch": {}, "feature_extract": {}, "fine_tune": {}}}, r"variants: no variant is declared"),
-    ({"variants": {"scrach": {"x": {}}}}, r"variants\.scrach: unknown key \(allowed here: scratch, feature_extract, fine_tune\)"),
+    ({"variants": {"scrach": {"x": {}}}}, r"variants\.scrach: unknown key \(allowed here: scratch, feature_extract, fine_tune, ensemble\)"),
 ])
 def test_a_bad_variant_entry_is_refused_naming_it(variants: dict, message: str):
     with pytest.raises(ConfigError, match=message):

@@ -343,7 +343,7 @@ def test_inspect_cli_reports_a_folder_and_an_archive_and_writes_nothing(tmp_path
     md = _inspect(cwd, mine)
     assert md.returncode == 0, md.stderr
     assert md.stdout.startswith("# Data report")
-    assert "| class | train | val | test |" in md.stdout and "| fox |" in md.stdout
+    assert "| class | train | val | calibration | test |" in md.stdout and "| fox |" in md.stdout
     assert CONFLICT in md.stdout and hz["loop"] in md.stdout
 
     as_json = _inspect(cwd, mine, "--json")

@@ -143,7 +143,7 @@ def test_tables_pairs_and_best_variant():
     assert mcnemar_pairs(["a", "b"], None, None) == [("a", "b")]
     table = comparison_table([good, bad])
     assert list(table.columns) == ["variant", "val_accuracy", "test_accuracy", "ci_low", "ci_high", "test_loss",
-                                   "macro_f1", "parameters", "temperature", "test_loss_calibrated", "ece",
+                                   "macro_f1", "parameters", "macs", "temperature", "test_loss_calibrated", "ece",
                                    "ece_calibrated", "coverage", "coverage_ci_low", "coverage_ci_high", "set_size",
                                    "tta_used", "tta_val_p", "test_accuracy_tta", "tta_ci_low", "tta_ci_high",
                                    "tta_test_p"]
@@ -185,7 +185,8 @@ def workspace(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
                                                      "val_accuracy": [0.5, 0.7, 0.6][i]}))
     (tmp_path / "metrics").mkdir()
     params = {"base": {"seed": 7, "experiment": "evaltest"},
-              "variants": {"scratch": {name: {} for name in VARIANTS}, "feature_extract": {}, "fine_tune": {}},
+              "variants": {"scratch": {name: {} for name in VARIANTS}, "feature_extract": {}, "fine_tune": {},
+                           "ensemble": {"ensemble": {}}},
               "evaluate": {"batch_size": 16, "bootstrap_samples": 200, "misclassified": 4}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return tmp_path
@@ -218,20 +219,22 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
     comparison = pd.read_csv(ws / "evaluation" / "comparison.csv")
     assert list(comparison["variant"]) == [*VARIANTS, "ensemble"]
     metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
-    all_probs, ensemble_val = [], []
+    all_probs, ensemble_val, ensemble_cal = [], [], []
     for name in VARIANTS:
         model, spec = load_classifier(ws / "models" / name)
         test = load_split(ws / "split", "test", mode=spec.mode, size=spec.image_size)
         val = load_split(ws / "split", "val", mode=spec.mode, size=spec.image_size)
+        cal = load_split(ws / "split", "calibration", mode=spec.mode, size=spec.image_size)
+        assert len(cal) == len(val) == 10  # the split's 2 validation images per class, shared out
         def log_p(images: torch.Tensor) -> np.ndarray:
             out = predict_logits(model, images, batch_size=7, device=torch.device("cpu")).double()
             return torch.log_softmax(out, 1).numpy()
 
         # Test-time augmentation (evaluate.tta's default [hflip]): the mean of the probabilities of the
         # image and its mirror, served only where that wins on validation by an exact McNemar test.
-        plain = {"val": log_p(val.images), "test": log_p(test.images)}
+        plain = {"val": log_p(val.images), "cal": log_p(cal.images), "test": log_p(test.images)}
         mirrored = {k: np.log((np.exp(plain[k]) + np.exp(log_p(torch.flip(x.images, [-1])))) / 2)
-                    for k, x in (("val", val), ("test", test))}
+                    for k, x in (("val", val), ("cal", cal), ("test", test))}
         right = {k: {"plain": plain[k].argmax(1) == x.labels.numpy(), "tta": mirrored[k].argmax(1) == x.labels.numpy()}
                  for k, x in (("val", val), ("test", test))}
         b, c = int((right["val"]["tta"] & ~right["val"]["plain"]).sum()), int((~right["val"]["tta"] & right["val"]["plain"]).sum())
@@ -239,20 +242,23 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
         used = b > c and p_val < 0.05
         assert metrics[name]["tta_used"] == float(used) and metrics[name]["tta_val_p"] == pytest.approx(p_val, rel=1e-5)
         assert metrics[name]["test_accuracy_tta"] == pytest.approx(right["test"]["tta"].mean(), abs=1e-6)
-        logits, val_logits = (mirrored["test"], mirrored["val"]) if used else (plain["test"], plain["val"])
-        # The temperature is the one that minimises the validation NLL; the calibrated test NLL uses it.
-        t = fit_temperature(log_probabilities(val_logits), val.labels.numpy())
+        chosen = mirrored if used else plain
+        logits, val_logits, cal_logits = chosen["test"], chosen["val"], chosen["cal"]
+        # The temperature minimises the NLL on the calibration split (which chose nothing, unlike
+        # validation); the calibrated test NLL uses it.
+        t = fit_temperature(log_probabilities(cal_logits), cal.labels.numpy())
         assert metrics[name]["temperature"] == pytest.approx(t, rel=1e-5)
         for other in (t * 1.01, t / 1.01, 1.0):  # the minimum within its range, checked without the fitting code
             if T_MIN <= other <= T_MAX:
-                assert nll(val_logits, val.labels.numpy(), t) <= nll(val_logits, val.labels.numpy(), other)
+                assert nll(cal_logits, cal.labels.numpy(), t) <= nll(cal_logits, cal.labels.numpy(), other)
         assert metrics[name]["test_loss_calibrated"] == pytest.approx(nll(logits, test.labels.numpy(), t), abs=1e-5)
         all_probs.append(scaled(logits, t))
         ensemble_val.append(scaled(val_logits, t))
-        # The conformal threshold: the ceil((n + 1) * 0.9)-th smallest validation score, a score being
+        ensemble_cal.append(scaled(cal_logits, t))
+        # The conformal threshold: the ceil((n + 1) * 0.9)-th smallest calibration score, a score being
         # the calibrated probability of the classes above the true one; the sets it gives on test.
-        calibrated, val_labels = ensemble_val[-1], val.labels.numpy()
-        true = calibrated[np.arange(len(val_labels)), val_labels]
+        calibrated, cal_labels = ensemble_cal[-1], cal.labels.numpy()
+        true = calibrated[np.arange(len(cal_labels)), cal_labels]
         above = np.where(calibrated >= true[:, None], calibrated, 0).sum(1) - true
         threshold = np.sort(above)[math.ceil(0.9 * (len(above) + 1)) - 1]
         assert metrics[name]["conformal_threshold"] == pytest.approx(threshold, abs=1e-6)
@@ -264,20 +270,27 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
         row = comparison.set_index("variant").loc[name]
         assert row["test_accuracy"] == pytest.approx(expected, abs=1e-6)
         assert row["ci_low"] <= row["test_accuracy"] <= row["ci_high"]
-    # The ensemble: the mean of the members' calibrated probabilities, with a temperature of its own.
+    # The ensemble (`members: all`): the mean of the members' calibrated probabilities, with a
+    # temperature of its own; its validation accuracy is that mean's on the validation split.
     ensemble = (np.mean(all_probs, axis=0).argmax(1) == test.labels.numpy()).mean()
     assert comparison.set_index("variant").loc["ensemble", "test_accuracy"] == pytest.approx(ensemble, abs=1e-6)
-    t = fit_temperature(np.log(np.mean(ensemble_val, axis=0)), val.labels.numpy())
+    t = fit_temperature(np.log(np.mean(ensemble_cal, axis=0)), cal.labels.numpy())
     assert metrics["ensemble"]["temperature"] == pytest.approx(t, rel=1e-5)
-    assert list(comparison["val_accuracy"].iloc[:3]) == [0.5, 0.7, 0.6]
+    ensemble_val_accuracy = (np.mean(ensemble_val, axis=0).argmax(1) == val.labels.numpy()).mean()
+    assert metrics["ensemble"]["val_accuracy"] == pytest.approx(ensemble_val_accuracy, abs=1e-6)
+    assert list(comparison["val_accuracy"]) == pytest.approx([0.5, 0.7, 0.6, ensemble_val_accuracy])
 
     per_class = pd.read_csv(ws / "evaluation" / "per_class.csv")
     assert list(per_class.columns) == ["variant", "class", "precision", "recall", "f1", "support"]
     assert per_class.groupby("variant")["support"].sum().to_dict() == {v: 40 for v in [*VARIANTS, "ensemble"]}
     mc = pd.read_csv(ws / "evaluation" / "mcnemar.csv")
     pairs = list(zip(mc["variant_a"], mc["variant_b"]))
-    assert pairs == [("scratch", "wide"), ("scratch", "big"), ("wide", "big"), ("ensemble", "wide")]
-    assert "McNemar" in (ws / "evaluation" / "comparison.md").read_text()
+    assert pairs == [("scratch", "wide"), ("scratch", "big"), ("scratch", "ensemble"), ("wide", "big"),
+                     ("wide", "ensemble"), ("big", "ensemble")]
+    shown = (ws / "evaluation" / "comparison.md").read_text()
+    assert "McNemar" in shown and "x its cheapest)" in shown  # the ensemble's cost beside its members
+    assert (comparison.set_index("variant")["macs"]["ensemble"]
+            == comparison.set_index("variant")["macs"][list(VARIANTS)].sum() > 0)
 
     plots = ws / "plots"
     for name in (*VARIANTS, "ensemble"):
@@ -298,20 +311,34 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
             "test_coverage", "test_coverage_ci_low", "test_coverage_ci_high", "test_set_size"}
     tta_keys = {"tta_used", "tta_val_p", "test_accuracy_tta", "test_accuracy_tta_ci_low", "test_accuracy_tta_ci_high",
                 "tta_test_p"}
-    assert all(set(metrics[v]) == keys | tta_keys for v in VARIANTS) and set(metrics["ensemble"]) == keys
-    assert set(metrics["mcnemar"]) == {"scratch_vs_wide", "scratch_vs_big", "wide_vs_big", "ensemble_vs_wide"}
+    assert all(set(metrics[v]) == keys | tta_keys for v in VARIANTS)
+    assert set(metrics["ensemble"]) == keys | {"val_accuracy"}
+    assert set(metrics["mcnemar"]) == {f"{a}_vs_{b}" for a, b in pairs}
 
     # The same metric names land in each variant's own training run, which stays FINISHED.
     client = mlflow.MlflowClient()
     for name in ("scratch", "wide"):
         run = client.get_run(json.loads((ws / "models" / name / "run.json").read_text())["run_id"])
         assert run.info.status == "FINISHED"
-        assert {k: float(f"{v:.6g}") if k.endswith("_p") else round(v, 6)
-                for k, v in run.data.metrics.items()} == metrics[name]
+        logged = dict(run.data.metrics)
+        assert logged.pop("inference_ms_per_image") > 0  # this machine's: in MLflow, not in the metrics file
+        assert {k: float(f"{v:.6g}") if k.endswith("_p") else round(v, 6) for k, v in logged.items()} == metrics[name]
     summary = client.search_runs([client.get_experiment_by_name("evaltest").experiment_id],
                                  "tags.stage = 'evaluate'")
     assert len(summary) == 1 and summary[0].info.status == "FINISHED"
-    assert summary[0].data.metrics["test_accuracy"] == pytest.approx(metrics["ensemble"]["test_accuracy"])
+    assert set(summary[0].data.metrics) == {f"mcnemar_p.{pair}" for pair in metrics["mcnemar"]}
+    # The ensemble has a run of its own, as a trained variant has its training run: what register
+    # registers, with the validation accuracy it competes for champion with.
+    record = json.loads((ws / "evaluation" / "ensembles.json").read_text())["ensemble"]
+    assert record["members"] == list(VARIANTS) and record["combine"] == "calibrated_mean"
+    own = client.get_run(record["run_id"])
+    assert (own.info.run_name, own.info.status, own.data.tags["kind"]) == ("ensemble", "FINISHED", "ensemble")
+    assert own.data.params["members"] == "scratch,wide,big"
+    assert own.data.metrics["val_accuracy"] == pytest.approx(record["val_accuracy"])
+    assert record["val_accuracy"] == pytest.approx(ensemble_val_accuracy)
+    assert own.data.metrics["test_accuracy"] == pytest.approx(metrics["ensemble"]["test_accuracy"])
+    assert own.data.metrics["inference_ms_per_image"] > 0
+    assert summary[0].data.tags["run_id.ensemble"] == record["run_id"]
     artifacts = {a.path for d in ("evaluation", "plots") for a in client.list_artifacts(summary[0].info.run_id, d)}
     assert {"evaluation/comparison.csv", "evaluation/comparison.md", "evaluation/mcnemar.csv",
             "evaluation/per_class.csv", "plots/accuracy.png", "plots/confusion_scratch.png"} <= artifacts
@@ -323,11 +350,12 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
     assert {p: (ws / p).read_bytes() for p in before} == before
 
 
-def test_ensemble_false_leaves_the_ensemble_out_everywhere(workspace: Path, monkeypatch, caplog):
-    """evaluate.ensemble: false. No ensemble row, metrics, plots or McNemar pair; the variants'
-    own results are those of a run with the ensemble."""
+def test_an_ensemble_entry_is_added_and_removed_by_params_alone(workspace: Path, monkeypatch, caplog):
+    """Without the entry: no ensemble row, metrics, plots, McNemar pair or run, and the variants' own
+    results are those of a run with it. Another entry of two members with `mean` is a second
+    ensemble of its own."""
     params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["evaluate"]["ensemble"] = False
+    params["variants"]["ensemble"] = {}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run_stage(workspace, monkeypatch, caplog)
 
@@ -338,25 +366,36 @@ def test_ensemble_false_leaves_the_ensemble_out_everywhere(workspace: Path, monk
     assert list(zip(mc["variant_a"], mc["variant_b"])) == [("scratch", "wide"), ("scratch", "big"), ("wide", "big")]
     metrics = json.loads((workspace / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {*VARIANTS, "mcnemar"}
-    assert set(metrics["mcnemar"]) == {"scratch_vs_wide", "scratch_vs_big", "wide_vs_big"}
     assert "| ensemble" not in (workspace / "evaluation" / "comparison.md").read_text()
+    assert json.loads((workspace / "evaluation" / "ensembles.json").read_text()) == {}
     plots = workspace / "plots"
     assert not (plots / "confusion_ensemble.png").exists() and not (plots / "confusion" / "ensemble.csv").exists()
     assert (plots / "confusion_scratch.png").exists()
     client = mlflow.MlflowClient()
-    summary = client.search_runs([client.get_experiment_by_name("evaltest").experiment_id],
-                                 "tags.stage = 'evaluate'")
-    assert len(summary) == 1 and summary[0].info.status == "FINISHED"
-    assert "test_accuracy" not in summary[0].data.metrics  # that is the ensemble's, when there is one
-    assert set(summary[0].data.metrics) == {f"mcnemar_p.{pair}" for pair in metrics["mcnemar"]}
+    experiment = client.get_experiment_by_name("evaltest").experiment_id
+    assert not client.search_runs([experiment], "tags.kind = 'ensemble'")
 
-    # the variants' rows are unchanged by leaving the ensemble out
-    params["evaluate"]["ensemble"] = True
+    # Two entries: all three members' calibrated mean, and two members' plain mean.
+    params["variants"]["ensemble"] = {"ensemble": {}, "pair": {"members": ["wide", "scratch"], "combine": "mean"}}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run_stage(workspace, monkeypatch, caplog)
-    with_ensemble = json.loads((workspace / "metrics" / "evaluate.json").read_text())
-    assert "ensemble" in with_ensemble
-    assert {v: with_ensemble[v] for v in VARIANTS} == {v: metrics[v] for v in VARIANTS}
+    with_ensembles = json.loads((workspace / "metrics" / "evaluate.json").read_text())
+    assert {v: with_ensembles[v] for v in VARIANTS} == {v: metrics[v] for v in VARIANTS}
+    assert list(pd.read_csv(workspace / "evaluation" / "comparison.csv")["variant"]) == [*VARIANTS, "ensemble", "pair"]
+    records = json.loads((workspace / "evaluation" / "ensembles.json").read_text())
+    assert records["pair"]["members"] == ["wide", "scratch"] and records["pair"]["combine"] == "mean"
+    assert len(client.search_runs([experiment], "tags.kind = 'ensemble'")) == 2
+    # `mean`: the members' probabilities as trained (no temperatures), in the order listed.
+    probs = []
+    for name in ("wide", "scratch"):
+        model, spec = load_classifier(workspace / "models" / name)
+        test = load_split(workspace / "split", "test", mode=spec.mode, size=spec.image_size)
+        cpu = torch.device("cpu")
+        plain = torch.softmax(predict_logits(model, test.images, batch_size=7, device=cpu).double(), 1)
+        mirrored = torch.softmax(predict_logits(model, torch.flip(test.images, [-1]), batch_size=7, device=cpu).double(), 1)
+        probs.append(((plain + mirrored) / 2 if metrics[name]["tta_used"] else plain).numpy())
+    expected = (np.mean(probs, axis=0).argmax(1) == test.labels.numpy()).mean()
+    assert with_ensembles["pair"]["test_accuracy"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_a_missing_model_names_the_folder_and_the_stage_to_run(workspace: Path, monkeypatch, caplog):
@@ -365,9 +404,9 @@ def test_a_missing_model_names_the_folder_and_the_stage_to_run(workspace: Path, 
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.raises(FileNotFoundError, match=r"models/lenet: no model; run `dvc repro scratch@lenet`"):
         _run_stage(workspace, monkeypatch, caplog)
-    params["variants"]["scratch"] = {"scratch": {}, "ensemble": {}}
+    params["variants"]["scratch"] = {"scratch": {}, "mcnemar": {}}
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    with pytest.raises(ValueError, match="variants.scratch.ensemble: 'ensemble' is reserved"):
+    with pytest.raises(ValueError, match="variants.scratch.mcnemar: 'mcnemar' is reserved"):
         _run_stage(workspace, monkeypatch, caplog)
     assert not (workspace / "evaluation").exists()
 
@@ -392,7 +431,7 @@ def test_frozen_backbone_is_scored_from_its_own_cached_test_features(split_dir: 
     for name in ("feature_extract", "tuned"):
         shutil.copytree(tmp_path / "fx" / "features", features / name)
 
-    cfg = EvaluateParams(batch_size=16, bootstrap_samples=100, confidence=0.95, ensemble=False, misclassified=2)
+    cfg = EvaluateParams(batch_size=16, bootstrap_samples=100, confidence=0.95, misclassified=2)
     caplog.set_level(logging.INFO, logger="cnnlab")
 
     def run(features: Path) -> pd.DataFrame:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 from pathlib import Path
@@ -125,21 +127,29 @@ def check_champion(ws: Path, client, runs: dict[str, str], evaluated: dict) -> N
     """The alias is on the variant the project's own rule (`choose_champion`, as the register stage
     calls it) picks from the stage outputs; that pick must have the best validation accuracy, and
     be the first such variant in params order (docs/serving.md: a tie goes to the variant listed first), so
-    a broken rule fails here rather than being agreed with. evaluate compared the ensemble with it."""
+    a broken rule fails here rather than being agreed with. The ensemble competes too, with the
+    validation accuracy evaluate gave it, in the run evaluate made for it."""
     from cnnlab.tracking.model_registry import choose_champion, read_candidate
 
     registry = json.loads((ws / "data/registry.json").read_text())
-    val = {v: json.loads((ws / f"data/metrics/{v}.json").read_text())["val_accuracy"] for v in VARIANTS}
+    ensemble = json.loads((ws / "data/evaluation/ensembles.json").read_text())["ensemble"]
+    assert ensemble["members"] == list(VARIANTS) and evaluated["ensemble"]["val_accuracy"] == ensemble["val_accuracy"]
+    runs = {**runs, "ensemble": ensemble["run_id"]}
+    val = {**{v: json.loads((ws / f"data/metrics/{v}.json").read_text())["val_accuracy"] for v in VARIANTS},
+           "ensemble": ensemble["val_accuracy"]}
+    names = [*VARIANTS, "ensemble"]
     candidates = [read_candidate(v, ws / "data/models" / v, evaluated) for v in VARIANTS]
+    candidates.append(dataclasses.replace(candidates[0], variant="ensemble", run_id=ensemble["run_id"],
+                                          val_accuracy=ensemble["val_accuracy"]))
     champion = choose_champion(candidates).variant
     assert registry["champion"] == champion
     best = max(val.values())
     assert val[champion] == best, (champion, val)
-    assert [v for v in VARIANTS[:VARIANTS.index(champion)] if val[v] == best] == [], (champion, val)
-    assert f"ensemble_vs_{champion}" in evaluated["mcnemar"]
+    assert [v for v in names[:names.index(champion)] if val[v] == best] == [], (champion, val)
+    assert {f"{v}_vs_ensemble" for v in VARIANTS} <= set(evaluated["mcnemar"])
     version = client.get_model_version_by_alias(registry["model_name"], "champion")
     assert version.tags["variant"] == champion and version.run_id == runs[champion]
-    assert sorted(registry["versions"]) == sorted(VARIANTS)
+    assert sorted(registry["versions"]) == sorted(names)
 
 
 def read_metrics_files(ws: Path, files: tuple[str, ...] = METRICS_FILES) -> dict[str, bytes]:
@@ -153,7 +163,9 @@ def read_metrics_files(ws: Path, files: tuple[str, ...] = METRICS_FILES) -> dict
 # else is let off. registry.json: a forced re-run trains new MLflow runs, which get new version
 # numbers. The DVC metrics files and the histories (committed to git) have none: their writers keep
 # timings out of them (cnnlab.training.outputs; evaluate's _dvc_metrics); timings go to MLflow.
-RUN_DEPENDENT = {"data/registry.json": ("champion_version", "versions")}
+RUN_DEPENDENT = {"data/registry.json": ("champion_version", "versions"),
+                 # each ensemble's MLflow run, made anew by evaluate
+                 "data/evaluation/ensembles.json": ("run_id",)}
 
 
 def read_outputs(ws: Path) -> dict[str, object]:
@@ -165,6 +177,10 @@ def read_outputs(ws: Path) -> dict[str, object]:
         files = sorted((ws / folder).glob(pattern))
         assert files, folder
         out.update({f.relative_to(ws).as_posix(): f.read_bytes() for f in files})
+    ensembles = json.loads((ws / "data/evaluation/ensembles.json").read_text())
+    out["data/evaluation/ensembles.json"] = {
+        name: {k: v for k, v in e.items() if k not in RUN_DEPENDENT["data/evaluation/ensembles.json"]}
+        for name, e in ensembles.items()}
     for variant in VARIANTS:
         history = ws / f"data/plots/{variant}/history.csv"
         assert history.read_text().count("\n") > 1, variant

@@ -122,6 +122,29 @@ def test_explain_writes_a_grad_cam_overlay_per_classified_file(store: Store, tmp
         assert overlay.size[0] > 300  # the image and its map side by side
 
 
+@pytest.mark.slow  # a logged ensemble and a CLI process (~15 s)
+def test_explain_writes_one_overlay_per_member_of_an_ensemble(store: Store, tmp_path: Path) -> None:
+    import dataclasses
+
+    from cnnlab.models.classifier import build_classifier, load_classifier, save_classifier
+    from cnnlab.serving.ensemble import log_ensemble
+
+    model, spec = load_classifier(store.root / "tiny_model")
+    save_classifier(model, spec, tmp_path / "rgb16")
+    grey = dataclasses.replace(spec, mode="L", image_size=20, mean=[0.5], std=[0.25])  # another input form
+    save_classifier(build_classifier(grey), grey, tmp_path / "grey20")
+    mlflow.set_tracking_uri(store.uri)
+    with mlflow.start_run(run_name="pair"):
+        info = log_ensemble({"rgb16": tmp_path / "rgb16", "grey20": tmp_path / "grey20"},
+                            {"rgb16": {"temperature": 1.0, "tta": []}, "grey20": {"temperature": 1.0, "tta": []}},
+                            example_images=[encode("RGB", (20, 20), "PNG", 0)])
+    done = cli(str(store.root / GOOD[0]), "--explain", "--explain-dir", str(tmp_path / "cams"), "--model",
+               info.model_uri, cwd=tmp_path, tracking_uri=store.uri)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["a_bright.jpg.gradcam.grey20.png",
+                                                                     "a_bright.jpg.gradcam.rgb16.png"]
+
+
 @pytest.mark.slow  # a registered model and a CLI process (~10 s each)
 def test_unknown_model_names_the_uri_and_the_fix(store: Store, tmp_path: Path) -> None:
     done = cli(str(store.root / GOOD[0]), "--model", "models:/no-such-model@champion",

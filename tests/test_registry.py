@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import use_mlflow_store
+from helpers.served import serve_and_predict
 from cnnlab.data.shards import ShardWriter
 from cnnlab.data.preprocess import prepare
 from cnnlab.models.classifier import ModelSpec, build_classifier, load_classifier, save_classifier
@@ -123,14 +124,16 @@ def test_a_run_missing_from_the_store_is_a_clear_error(store: MlflowClient) -> N
         register_variants(store, "clf", "champion", [ghost])
 
 
-def _stage(tmp_path: Path, *variants: str) -> subprocess.CompletedProcess:
+def _stage(tmp_path: Path, *variants: str, ensembles: dict | None = None) -> subprocess.CompletedProcess:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["variants"] = {"scratch": {v: {} for v in variants}, "feature_extract": {}, "fine_tune": {}}
+    params["variants"] = {"scratch": {v: {} for v in variants}, "feature_extract": {}, "fine_tune": {},
+                          "ensemble": ensembles or {}}
     params["registry"]["model_name"] = "stage-clf"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return subprocess.run(
         [sys.executable, str(REPO / "pipeline" / "register.py"), "--params", "params.yaml", "--models", "models",
-         "--split", "split", "--test-metrics", "metrics/evaluate.json", "--out", "registry.json"],
+         "--split", "split", "--test-metrics", "metrics/evaluate.json", "--ensembles", "evaluation/ensembles.json",
+         "--out", "registry.json"],
         cwd=tmp_path, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
 
 
@@ -185,3 +188,68 @@ def test_stage_names_the_missing_variant(store: MlflowClient, tmp_path: Path) ->
     done = _stage(tmp_path, "scratch", "fine_tune")
     assert done.returncode == 1
     assert "models/fine_tune/run.json: missing" in done.stderr and "Traceback" not in done.stderr
+
+
+def _jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_stage_registers_an_ensemble_that_serves_its_members_calibrated_mean(store: MlflowClient,
+                                                                            tmp_path: Path) -> None:
+    """An ensemble entry becomes one version, in the run evaluate made for it; it wins champion on
+    its validation accuracy, and its pyfunc answers with the mean of what its members' own served
+    models answer (each with its temperature and views), calibrated by its own temperature."""
+    log_variant(tmp_path, "scratch", 0.70)
+    log_variant(tmp_path, "regularized", 0.75)
+    with tracked_run(experiment="reg-test", run_name="duo", tags={"kind": "ensemble"}, params={}) as run:
+        pass
+    (tmp_path / "evaluation").mkdir()
+    record = {"run_id": run.info.run_id, "variant": "duo", "val_accuracy": 0.8, "members": ["scratch", "regularized"],
+              "combine": "calibrated_mean"}
+    (tmp_path / "evaluation" / "ensembles.json").write_text(json.dumps({"duo": record}))
+    trust = {"scratch": {"test_accuracy": 0.6, "temperature": 2.0, "conformal_threshold": 0.5, "tta_used": 0.0},
+             "regularized": {"test_accuracy": 0.7, "temperature": 0.5, "conformal_threshold": 0.5, "tta_used": 1.0},
+             "duo": {"test_accuracy": 0.75, "temperature": 1.5, "conformal_threshold": 0.3}}
+    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps(trust))
+    done = _stage(tmp_path, "scratch", "regularized", ensembles={"duo": {}})
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "registry.json").read_text())
+    assert summary["champion"] == "duo" and set(summary["versions"]) == {"scratch", "regularized", "duo"}
+    version = store.get_model_version("stage-clf", summary["versions"]["duo"])
+    assert version.run_id == run.info.run_id and version.tags["test_accuracy"] == "0.7500"
+
+    images = [_png(5), _png(6), _jpeg(7, (300, 200))]  # grey PNGs and a colour JPEG of another size
+    frame = pd.DataFrame({"image": images}, dtype=object)
+    members = [mlflow.pyfunc.load_model(f"models:/stage-clf/{summary['versions'][m]}").predict(frame)
+               for m in ("scratch", "regularized")]
+    mean = np.mean([np.array([list(p.values()) for p in m["probabilities"]]) for m in members], axis=0)
+    served = mlflow.pyfunc.load_model("models:/stage-clf@champion")
+    assert [m["name"] for m in served.model_config["members"]] == ["scratch", "regularized"]
+    got = served.predict(frame)
+    calibrated = np.exp(np.log(mean) / 1.5)
+    np.testing.assert_allclose(np.array([list(p.values()) for p in got["probabilities"]]),
+                               calibrated / calibrated.sum(1, keepdims=True), atol=1e-5)
+    assert list(got["label"]) == [CLASSES[k] for k in mean.argmax(1)]
+    # At temperature 1 (an operator's override) it is the members' plain mean.
+    plain = mlflow.pyfunc.load_model("models:/stage-clf@champion", model_config={"temperature": 1.0}).predict(frame)
+    np.testing.assert_allclose(np.array([list(p.values()) for p in plain["probabilities"]]), mean, atol=1e-5)
+    # Its environment: what the members' code needs, no more (two scratch nets: no timm).
+    requirements = Path(mlflow.artifacts.download_artifacts("models:/stage-clf@champion")) / "requirements.txt"
+    names = {line.split("==")[0].lower() for line in requirements.read_text().split()}
+    assert {"torch", "mlflow", "pillow"} <= names and "timm" not in names and "scikit-learn" not in names
+
+    # The real scoring server gives the same answers (one process, both members).
+    over_http = serve_and_predict("models:/stage-clf@champion", tmp_path, images)
+    np.testing.assert_allclose([list(p["probabilities"].values()) for p in over_http],
+                               np.array([list(p.values()) for p in got["probabilities"]]), atol=1e-6)
+    assert [p["prediction_set"] for p in over_http] == [list(s) for s in got["prediction_set"]]
+
+    rerun = _stage(tmp_path, "scratch", "regularized", ensembles={"duo": {}})
+    assert rerun.returncode == 0 and "unchanged" in rerun.stdout and "new versions" not in rerun.stdout
+    # An evaluation of other members is stale: register says to re-run evaluate.
+    stale = _stage(tmp_path, "scratch", "regularized", ensembles={"duo": {"members": ["regularized", "scratch"]}})
+    assert stale.returncode == 1 and "no evaluation of ensemble 'duo' with members regularized, scratch" in stale.stderr
+    assert "dvc repro evaluate" in stale.stderr and "Traceback" not in stale.stderr

@@ -53,6 +53,21 @@ def test_caps_limit_each_class_and_nest():
     assert set(small["train"].tolist()) <= set(big["train"].tolist())
 
 
+def test_calibration_takes_its_share_of_each_class_s_validation_images():
+    """calibration: the images evaluate fits temperatures and set thresholds on, which choose
+    nothing. Carved out of the capped validation images, per class, at least one left in val."""
+    labels = np.repeat([0, 1, 2], [100, 100, 6])
+    whole = _split(labels, caps={"val": 10})
+    parts = _split(labels, caps={"val": 10}, calibration_fraction=0.5)
+    assert len(whole["calibration"]) == 0  # the default: none
+    assert sorted([*parts["val"], *parts["calibration"]]) == sorted(whole["val"])  # the same images, shared out
+    assert [int((labels[parts["calibration"]] == c).sum()) for c in range(3)] == [5, 5, 0]  # c had 1 val image
+    assert [int((labels[parts["val"]] == c).sum()) for c in range(3)] == [5, 5, 1]
+    assert np.array_equal(parts["train"], whole["train"]) and np.array_equal(parts["test"], whole["test"])
+    lone = _split(np.repeat([0, 1, 2], [100, 100, 3]), calibration_fraction=0.9)
+    assert int((np.repeat([0, 1, 2], [100, 100, 3])[lone["val"]] == 2).sum()) == 1  # never the last val image
+
+
 def test_official_test_set_is_used_and_not_carved():
     labels = np.repeat([0, 1, 2], 20)
     official = ([None] * 15 + ["test"] * 5) * 3
@@ -122,8 +137,9 @@ def test_run_split_quarantines_bad_files_and_keeps_going(tmp_path: Path):
     assert summary["quarantined"] == 4
     # the huge image was RGB, but it is quarantined, so the usable data is all grey
     assert summary["color_mode"] == "L"
-    stored = _stored(out, "train", "val", "test")
-    assert len(stored) == 24 and summary["train_images"] + summary["val_images"] + summary["test_images"] == 24
+    stored = _stored(out, "train", "val", "calibration", "test")
+    assert len(stored) == 24 and sum(summary[f"{s}_images"] for s in ("train", "val", "calibration", "test")) == 24
+    assert summary["calibration_images"] > 0
     for r, data in stored:
         with Image.open(io.BytesIO(data)) as im:
             assert im.mode == "L" and im.size == (24, 20)
@@ -156,7 +172,7 @@ def test_manifest_sources_and_quarantine_are_posix_paths_on_windows_too(
                       max_test_per_class=None, max_image_pixels=10_000, max_side=None, color_mode="auto")
     run_split(raw, out, cfg, seed=0)
     assert list(_quarantine(out)) == ["images/cat/empty.jpg"]
-    rows = [r for s in ("train", "val", "test") for r in read_manifest(out, s)]
+    rows = [r for s in ("train", "val", "calibration", "test") for r in read_manifest(out, s)]
     assert sorted(r["source"] for r in rows) == sorted(f"images/{c}/{i:03d}.png" for c in ("cat", "dog")
                                                         for i in range(12))
     # keys: `<class>/<name>` with "/" (the name: the path under the class folder, flattened)
@@ -168,8 +184,10 @@ def test_run_split_from_idx_keeps_labels_with_images(tiny_idx: Path, tmp_path: P
     cfg = SplitParams(val_fraction=0.25, test_fraction=0.15, max_train_per_class=5, max_val_per_class=2,
                       max_test_per_class=4, max_image_pixels=10_000, max_side=None, color_mode="rgb")
     summary = metrics(run_split(tiny_idx, out, cfg, seed=3))
-    assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (50, 20, 40)
-    for split in ("train", "val", "test"):
+    # 2 validation images per class, one of them kept apart for calibration
+    assert (summary["train_images"], summary["val_images"], summary["calibration_images"],
+            summary["test_images"]) == (50, 10, 10, 40)
+    for split in ("train", "val", "calibration", "test"):
         for r, data in _stored(out, split):
             with Image.open(io.BytesIO(data)) as im:
                 assert im.mode == "RGB" and im.format == "PNG"

@@ -45,12 +45,13 @@ def test_cached_features_are_reused_until_the_backbone_input_changes(split_dir: 
     assert _reused(caplog) == 0
     again, _ = extract_features(split_dir, tmp_path / "a")
     assert again.timing["extract_images_per_second"] == 0
-    assert _reused(caplog) == 3
+    assert _reused(caplog) == 4  # train, val, calibration, test
     assert (tmp_path / "a/features/val.pt").read_bytes() == first
     bigger, _ = extract_features(split_dir, tmp_path / "a", FX.model_copy(update={"image_size": 40}))
     assert bigger.timing["extract_images_per_second"] > 0  # a new size means new features
     meta = json.loads((tmp_path / "a/features/meta.json").read_text())
-    assert meta["train"]["precision"] == "bf16" and meta["val"]["precision"] == meta["test"]["precision"] == "fp32"
+    assert meta["train"]["precision"] == "bf16"
+    assert meta["val"]["precision"] == meta["calibration"]["precision"] == meta["test"]["precision"] == "fp32"
 
 
 def test_a_damaged_cache_file_is_recomputed_not_trusted(split_dir: Path, tmp_path: Path,
@@ -64,7 +65,7 @@ def test_a_damaged_cache_file_is_recomputed_not_trusted(split_dir: Path, tmp_pat
     extract_features(split_dir, tmp_path / "a")
     assert any(r.levelno == logging.WARNING and "test.pt does not match the sha256" in r.getMessage()
                for r in caplog.records)
-    assert _reused(caplog) == 2  # train and val reused, test recomputed
+    assert _reused(caplog) == 3  # train, val and calibration reused, test recomputed
     assert torch.load(test_file, weights_only=True)["features"].shape[0] == 20
 
 
@@ -98,13 +99,13 @@ def test_with_augmented_copies_the_head_trains_on_their_cached_features_too(spli
     assert torch.equal(train.images[60:], copies) and not torch.equal(train.images[:60], copies[::2])
     caplog.clear()
     extract_features(split_dir, tmp_path / "a", augmented=aug)  # everything reused, copies included
-    assert _reused(caplog) == 4
+    assert _reused(caplog) == 5  # the split's four and the copies
     # new pixels under the same keys (another policy): the copies' features are recomputed
     run_augment(split_dir, aug, tmp_path / "preview.png", AugmentParams(rotation=90.0, copies=2, preview_images=2),
                 seed=0, size=FX.image_size)
     caplog.clear()
     again, _ = extract_features(split_dir, tmp_path / "a", augmented=aug)
-    assert _reused(caplog) == 3 and again.timing["extract_images_per_second"] > 0
+    assert _reused(caplog) == 4 and again.timing["extract_images_per_second"] > 0
 
 
 def test_offline_without_weights_is_a_clear_error(split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

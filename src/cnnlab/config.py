@@ -7,6 +7,7 @@ work, with a message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -106,7 +107,8 @@ class SplitParams(_Section):
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
     max_train_per_class: PerClassCap = 200
-    max_val_per_class: PerClassCap = 100
+    max_val_per_class: PerClassCap = 200
+    calibration_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     max_test_per_class: PerClassCap = 500
     max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
     max_side: Annotated[int, Field(ge=8)] | None = 512
@@ -275,7 +277,6 @@ class EvaluateParams(_Section):
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     bootstrap_samples: Annotated[int, Field(ge=100, le=1_000_000)] = 2000
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
-    ensemble: bool = True
     misclassified: Annotated[int, Field(ge=0, le=400)] = 36
     device: DeviceName = "auto"
     coverage: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
@@ -283,26 +284,46 @@ class EvaluateParams(_Section):
     tta: list[Literal["hflip"]] = ["hflip"]
 
 
+class EnsembleParams(_Section):
+    """Kind `ensemble`: no training stage; `evaluate` combines its members' answers."""
+
+    # "all": every variant of the other kinds, in table order; or a list of their names
+    members: Any = "all"
+    # calibrated_mean: the mean of the members' probabilities after their own temperatures (and
+    # test-time views where they use them); mean: of their probabilities as trained
+    combine: Literal["calibrated_mean", "mean"] = "calibrated_mean"
+
+    @field_validator("members")
+    @classmethod
+    def _all_or_names(cls, value: Any) -> Any:
+        if value == "all" or (isinstance(value, list) and all(isinstance(m, str) for m in value)):
+            return value
+        raise ValueError(f"members = {value!r}: 'all', or a list of variant names")
+
+
 class RegistryParams(_Section):
     model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200)] = "cnnlab-classifier"
     alias: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", max_length=100)] = "champion"
 
 
-# A variant's kind, the params.yaml section it overrides, and the DVC stage that trains it.
+# A variant's kind, the params.yaml section it overrides, and the DVC stage that makes it: a
+# foreach stage (`<stage>@<name>`), except an ensemble's, which `evaluate` makes from its members.
 KINDS: dict[str, tuple[str, str]] = {
     "scratch": ("scratch", "scratch"),
     "feature_extract": ("feature_extract", "feature_extract"),
     "fine_tune": ("fine_tune", "fine_tune"),
+    "ensemble": ("ensemble", "evaluate"),
 }
+TRAINED_KINDS = ("scratch", "feature_extract", "fine_tune")
 # A variant's name is a DVC stage key (scratch@<name>), a folder (data/models/<name>), a params.yaml key
 # path (variants.scratch.<name>: no dots) and an MLflow run name.
 VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-# Keys of their own in evaluate's outputs (the ensemble row, the McNemar tests, the summary run).
-RESERVED_NAMES = ("ensemble", "mcnemar", "evaluate", "label_issues")
+# Keys of their own in evaluate's outputs (the McNemar tests, the summary run, the label check).
+RESERVED_NAMES = ("mcnemar", "evaluate", "label_issues")
 # Section fields that are sections themselves: a variant overrides their keys one by one.
 _NESTED = ("head", "runtime")
 
-VariantSettings = ScratchParams | FeatureExtractParams | FineTuneVariant
+VariantSettings = ScratchParams | FeatureExtractParams | FineTuneVariant | EnsembleParams
 
 
 @dataclass(frozen=True)
@@ -310,14 +331,15 @@ class Variant:
     """One entry of ``variants``, resolved: its kind's section with the entry's keys on top."""
 
     name: str
-    kind: str  # scratch | feature_extract | fine_tune
-    settings: Any  # ScratchParams, FeatureExtractParams or FineTuneVariant
+    kind: str  # scratch | feature_extract | fine_tune | ensemble
+    settings: Any  # ScratchParams, FeatureExtractParams, FineTuneVariant or EnsembleParams (members listed)
     overrides: dict[str, Any]  # what the entry itself sets
 
     @property
     def stage(self) -> str:
-        """The DVC stage that trains it, e.g. ``scratch@regularized``."""
-        return f"{KINDS[self.kind][1]}@{self.name}"
+        """The DVC stage that makes it, e.g. ``scratch@regularized``; ``evaluate`` for an ensemble."""
+        stage = KINDS[self.kind][1]
+        return stage if self.kind not in TRAINED_KINDS else f"{stage}@{self.name}"
 
 
 class VariantsParams(_Section):
@@ -329,6 +351,7 @@ class VariantsParams(_Section):
     }
     feature_extract: dict[str, dict[str, Any] | None] = {"feature_extract": {}}
     fine_tune: dict[str, dict[str, Any] | None] = {"fine_tune": {"from": "feature_extract"}}
+    ensemble: dict[str, dict[str, Any] | None] = {"ensemble": {}}
 
 
 class Params(_Section):
@@ -340,6 +363,7 @@ class Params(_Section):
     scratch: ScratchParams = ScratchParams()
     feature_extract: FeatureExtractParams = FeatureExtractParams()
     fine_tune: FineTuneParams = FineTuneParams()
+    ensemble: EnsembleParams = EnsembleParams()
     variants: VariantsParams = VariantsParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
@@ -387,11 +411,37 @@ class Params(_Section):
                     have = ", ".join(n for n, o in out.items() if o.kind == "feature_extract") or "none"
                     problems.append(f"variants.fine_tune.{v.name}.from = {v.settings.from_!r}: not a "
                                     f"feature_extract variant (have: {have})")
-        if not out and not problems:
+        problems += _resolve_members(out)
+        if not any(v.kind in TRAINED_KINDS for v in out.values()) and not problems:
             problems.append("variants: no variant is declared; add one, e.g. variants.scratch.scratch: {}")
         if problems:
             raise ValueError("\n  - ".join(problems))
         return out
+
+
+def _resolve_members(variants: dict[str, Variant]) -> list[str]:
+    """Each ensemble's ``members`` as a list of trained variants (``all``: every one, in table
+    order), in place; what is wrong with them."""
+    trained = [n for n, v in variants.items() if v.kind in TRAINED_KINDS]
+    problems: list[str] = []
+    if not trained:  # said once, below
+        return problems
+    for v in [v for v in variants.values() if v.kind == "ensemble"]:
+        where = f"variants.ensemble.{v.name}.members"
+        members = trained if v.settings.members == "all" else list(v.settings.members)
+        have = ", ".join(trained) or "none"
+        if unknown := [m for m in members if m not in trained]:
+            problems.append(f"{where}: {', '.join(map(repr, unknown))} is not a trained variant (have: {have}; "
+                            "an ensemble's members are scratch, feature_extract or fine_tune variants)")
+        elif len(set(members)) != len(members):
+            problems.append(f"{where}: lists a variant twice")
+        elif len(members) < 2:
+            listed = f"'all' is {have}" if v.settings.members == "all" else f"it lists {', '.join(members) or 'none'}"
+            problems.append(f"{where}: an ensemble needs at least two members, and {listed}; name more, or "
+                            "remove the entry (variants.ensemble: {})")
+        else:
+            variants[v.name] = dataclasses.replace(v, settings=v.settings.model_copy(update={"members": members}))
+    return problems
 
 
 def _entry_errors(exc: ValidationError, where: str, model: type[BaseModel], merged: dict[str, Any]) -> list[str]:

@@ -113,29 +113,34 @@ def predict_files(model: Any, files: Sequence[Path], *, batch_size: int = 64) ->
 
 def explain_files(model: Any, outcomes: Sequence[Outcome], out_dir: Path) -> list[Path]:
     """For each classified file, ``out_dir/<name>.gradcam.png`` (``<folder>_<name>`` when two
-    files share a name): the image as the model reads it
-    beside a Grad-CAM map of the predicted class (`cnnlab.evaluation.explain`). Needs a cnnlab
-    pyfunc (its PyTorch model); returns the files written."""
+    files share a name): the image as the model reads it beside a Grad-CAM map of the predicted
+    class (`cnnlab.evaluation.explain`); for an ensemble one per member,
+    ``<name>.gradcam.<member>.png``. Needs a cnnlab pyfunc (its PyTorch networks); returns the
+    files written."""
     from cnnlab.evaluation.explain import grad_cam, save_overlay
     from cnnlab.serving.pyfunc import ImageClassifierModel
 
     inner = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
     if not isinstance(inner, ImageClassifierModel):
         raise CliError("--explain needs a cnnlab model (its PyTorch network); this one is not")
-    written = []
+    written: list[Path] = []
     for o in outcomes:
         if o.prediction is None:
             continue
-        tensor = inner.prepare_upload(o.path.read_bytes())
-        heat = grad_cam(inner.network, tensor[None], [int(o.prediction["label_id"])])[0]
-        target = out_dir / f"{o.path.name}.gradcam.png"
-        if target in written:  # the same file name from another folder: keep both
-            target = out_dir / f"{o.path.parent.name}_{o.path.name}.gradcam.png"
-        while target in written:
-            target = target.with_name(f"{len(written)}_{target.name}")
-        save_overlay(tensor.numpy(), heat, target,
-                     title=f"{o.path.name}: {o.prediction['label']} ({o.prediction['confidence']:.2f})")
-        written.append(target)
+        label = int(o.prediction["label_id"])
+        for member, network, spec in inner.networks():
+            tensor = inner.prepare_upload(o.path.read_bytes(), spec)
+            heat = grad_cam(network, tensor[None], [label])[0]
+            suffix = f".gradcam.{member}.png" if member else ".gradcam.png"
+            target = out_dir / f"{o.path.name}{suffix}"
+            if target in written:  # the same file name from another folder: keep both
+                target = out_dir / f"{o.path.parent.name}_{o.path.name}{suffix}"
+            while target in written:
+                target = target.with_name(f"{len(written)}_{target.name}")
+            by = f", Grad-CAM of {member}" if member else ""
+            save_overlay(tensor.numpy(), heat, target,
+                         title=f"{o.path.name}: {o.prediction['label']} ({o.prediction['confidence']:.2f}){by}")
+            written.append(target)
     return written
 
 def _predict_items(model: Any, items: list[tuple[Path, bytes]]) -> list[Outcome]:

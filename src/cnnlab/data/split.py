@@ -62,7 +62,9 @@ from cnnlab.utils.progress import progress
 
 _log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+# calibration: validation images kept from choosing anything (no epoch, no champion), on which
+# evaluate fits each model's temperature and prediction-set threshold.
+SPLITS = ("train", "val", "calibration", "test")
 # Files in these formats are stored as they are when their decoded mode is the split's and they
 # need no EXIF rotation or downscale: the same pixels, often a tenth of a PNG's bytes.
 _KEEP_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
@@ -81,12 +83,15 @@ def stratified_split(
     test_fraction: float,
     caps: dict[str, int | None],
     class_names: Sequence[str],
+    calibration_fraction: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Indices per split, drawn class by class so every split keeps the class balance.
 
     An official split in the source wins: when any item is marked "test" (or "val"), that split
     comes only from marked items and the fraction is not carved from the rest. Caps take the
-    first N of a seeded shuffle, so a smaller cap gives a subset of a larger one's picks.
+    first N of a seeded shuffle, so a smaller cap gives a subset of a larger one's picks. Then
+    ``calibration_fraction`` of each class's (capped) validation images move to "calibration",
+    leaving at least one in "val"; a class may have none there.
     """
     official_arr = np.array([o or "" for o in official])
     has_official = {s: bool((official_arr == s).any()) for s in ("val", "test")}
@@ -104,10 +109,13 @@ def stratified_split(
                 n = max(1, round(fraction * n_pool)) if n_pool >= 3 else 0
                 chosen[split], pool = pool[:n], pool[n:]
         chosen["train"] = pool
+        val = chosen["val"][:caps["val"]] if caps.get("val") is not None else chosen["val"]
+        keep = len(val) - min(max(len(val) - 1, 0), round(calibration_fraction * len(val)))
+        chosen["val"], chosen["calibration"] = val[:keep], val[keep:]
         for split in SPLITS:
             cap = caps.get(split)
             got = chosen[split][:cap] if cap is not None else chosen[split]
-            if len(got) == 0:
+            if len(got) == 0 and split != "calibration":
                 raise SplitError(
                     f"class {name!r} has no usable image for the {split} split "
                     f"({int(mine.sum())} usable in all); add images to it or remove the class"
@@ -328,7 +336,7 @@ def _split(ds: _Dataset, cfg: SplitParams, *, seed: int, source: str) -> tuple[_
     picks = stratified_split(
         ds.labels, ds.official, seed=seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         caps={"train": cfg.max_train_per_class, "val": cfg.max_val_per_class, "test": cfg.max_test_per_class},
-        class_names=ds.classes,
+        class_names=ds.classes, calibration_fraction=cfg.calibration_fraction,
     )
     picks, dropped = drop_repeats(picks, [f.digest for f in ds.facts], SPLITS)
     return ds, picks, _report(ds, picks, mode, conflicts, dropped, source)

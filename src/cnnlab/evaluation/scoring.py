@@ -22,8 +22,6 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 from cnnlab.evaluation.calibration import expected_calibration_error, scaled
 from cnnlab.evaluation.conformal import coverage_and_size, prediction_sets
 
-ENSEMBLE = "ensemble"
-
 # Clipping p(true class) at 1e-15 caps one sample's loss at ~34.5 nats (scikit-learn's old
 # log_loss default), so a single confidently wrong image cannot make the mean infinite.
 _MIN_PROBABILITY = 1e-15
@@ -137,7 +135,7 @@ class TtaReport:
 
 @dataclass(frozen=True)
 class VariantResult:
-    """One model (or the ensemble) scored on the test split."""
+    """One model (a trained variant or an ensemble) scored on the test split."""
 
     name: str
     probs: np.ndarray  # (N, K) float64
@@ -150,7 +148,7 @@ class VariantResult:
     macro_f1: float
     per_class: pd.DataFrame  # per_class_metrics
     confusion: np.ndarray  # (K, K)
-    val_accuracy: float | None  # from training (None for the ensemble: it was never validated)
+    val_accuracy: float | None  # a trained variant's from training, an ensemble's from its members' (None: unknown)
     parameters: int
     temperature: float  # fitted on the validation split; 1.0 = as the model is
     calibrated: np.ndarray  # (N, K) probs after temperature scaling: what the served model answers
@@ -161,7 +159,8 @@ class VariantResult:
     covered: np.ndarray  # (N,) bool: the prediction set holds the true class
     coverage_ci: tuple[float, float]
     set_size: float  # mean classes per prediction set
-    tta: TtaReport | None = None  # test-time augmentation, when evaluate.tta names views (not the ensemble)
+    tta: TtaReport | None = None  # test-time augmentation, when evaluate.tta names views (not an ensemble's own)
+    macs: int = 0  # multiply-accumulates per image as served (views included; an ensemble's: its members'); 0 = not counted
 
     def metrics(self) -> dict[str, float]:
         """The headline numbers under the names every variant's MLflow run and the DVC metrics use."""
@@ -221,11 +220,11 @@ def score(
 
 
 def comparison_table(results: Sequence[VariantResult]) -> pd.DataFrame:
-    """One row per model, in the given order (params.yaml's, then the ensemble)."""
+    """One row per model, in the given order (params.yaml's: the ensembles last)."""
     return pd.DataFrame([{
         "variant": r.name, "val_accuracy": r.val_accuracy, "test_accuracy": r.test_accuracy,
         "ci_low": r.ci_low, "ci_high": r.ci_high, "test_loss": r.test_loss, "macro_f1": r.macro_f1,
-        "parameters": r.parameters, "temperature": r.temperature, "test_loss_calibrated": r.test_loss_calibrated,
+        "parameters": r.parameters, "macs": r.macs, "temperature": r.temperature, "test_loss_calibrated": r.test_loss_calibrated,
         "ece": r.test_ece, "ece_calibrated": r.test_ece_calibrated,
         "coverage": float(r.covered.mean()), "coverage_ci_low": r.coverage_ci[0],
         "coverage_ci_high": r.coverage_ci[1], "set_size": r.set_size,
@@ -235,15 +234,17 @@ def comparison_table(results: Sequence[VariantResult]) -> pd.DataFrame:
         "tta_ci_low": None if r.tta is None else r.tta.ci[0],
         "tta_ci_high": None if r.tta is None else r.tta.ci[1],
         "tta_test_p": None if r.tta is None else r.tta.test_p,
-    } for r in results]).astype({"val_accuracy": "float64", "parameters": "int64"})
+    } for r in results]).astype({"val_accuracy": "float64", "parameters": "int64", "macs": "int64"})
 
 
-def comparison_markdown(table: pd.DataFrame, confidence: float) -> str:
-    """The comparison table for people: accuracies in %, the interval in one column."""
+def comparison_markdown(table: pd.DataFrame, confidence: float, cost: dict[str, str] | None = None) -> str:
+    """The comparison table for people: accuracies in %, the interval in one column; ``cost``
+    (model -> text) adds what each costs per image."""
     level = f"{confidence * 100:g}% CI"
     shown = pd.DataFrame({
         "variant": table["variant"],
         "parameters": [f"{p:,}" for p in table["parameters"]],
+        **({"MACs/image": [cost.get(v, "") for v in table["variant"]]} if cost else {}),
         "val acc": [_percent(v) for v in table["val_accuracy"]],
         "test acc": [_percent(v) for v in table["test_accuracy"]],
         level: [f"[{lo * 100:.2f}, {hi * 100:.2f}]" for lo, hi in zip(table["ci_low"], table["ci_high"])],

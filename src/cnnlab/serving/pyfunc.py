@@ -38,7 +38,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,19 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        config = self._load_limits(context)
+        # The temperature `evaluate` fitted on the validation split (1.0: a model logged before it).
+        self._temperature = config_temperature(config.get("temperature", 1.0), "temperature")
+        self._tta = config_views(config.get("tta"))
+        self._model, self._spec = load_classifier(Path(context.artifacts["model"]))
+        self._model.eval()
+        # The server's threads take turns and share passes (cnnlab.serving.batching): under load one batch
+        # of the waiting requests' images instead of one small pass per request, all at once.
+        self._forward = Coalescer(lambda batch: probabilities(self._model, batch, self._temperature, self._tta),
+                                  max_rows=64)
+
+    def _load_limits(self, context: mlflow.pyfunc.PythonModelContext) -> dict[str, Any]:
+        """The settings every cnnlab pyfunc has: decode limits and the prediction sets' threshold."""
         # Only in the scoring server, whose process is ours to tune; `mlflow.pyfunc.load_model`
         # in someone's notebook or program must leave their torch settings alone.
         if SCORING_SERVER_ENV in os.environ:
@@ -145,31 +158,29 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self._max_side = config.get("max_side")  # None: models logged before it was recorded
         self._max_rows = int(config.get("max_rows", DEFAULT_MAX_ROWS))
         self._max_request_pixels = int(config.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS))
-        # The temperature `evaluate` fitted on the validation split (1.0: a model logged before it).
-        self._temperature = float(config.get("temperature", 1.0))
-        if not self._temperature > 0:
-            raise ValueError(f"model config temperature must be > 0, got {self._temperature}")
         # 1.0 (every class in the set) for a model logged without one: no promise is broken.
         self._threshold = float(config.get("conformal_threshold", 1.0))
-        self._tta = tuple(config.get("tta") or ())
-        unknown = sorted(set(self._tta) - set(VIEWS))
-        if unknown:
-            raise ValueError(f"model config tta: unknown view(s) {unknown}; known: {sorted(VIEWS)}")
-        self._model, self._spec = load_classifier(Path(context.artifacts["model"]))
-        self._model.eval()
-        # The server's threads take turns and share passes (cnnlab.serving.batching): under load one batch
-        # of the waiting requests' images instead of one small pass per request, all at once.
-        self._forward = Coalescer(lambda batch: probabilities(self._model, batch, self._temperature, self._tta),
-                                  max_rows=64)
+        return config
 
     @property
     def network(self) -> Classifier:
         """The PyTorch model it serves (`python -m cnnlab predict --explain` reads its gradients)."""
         return self._model
 
-    def prepare_upload(self, data: bytes) -> torch.Tensor:
-        """One encoded image as this model reads it, with the limits it serves with."""
-        return prepared(load_image_bytes(data, max_pixels=self._max_pixels), self._spec, self._max_side)
+    def prepare_upload(self, data: bytes, spec: ModelSpec | None = None) -> torch.Tensor:
+        """One encoded image as this model (or the one ``spec`` describes) reads it, with the
+        limits it serves with."""
+        return prepared(load_image_bytes(data, max_pixels=self._max_pixels), spec or self._spec, self._max_side)
+
+    def networks(self) -> list[tuple[str | None, Classifier, ModelSpec]]:
+        """(member name or None, network, spec) of each network it runs: one here."""
+        return [(None, self._model, self._spec)]
+
+    def classify(self, images: Sequence[bytes]) -> pd.DataFrame:
+        """The answer to one request's decoded-to-bytes images (limits and threshold applied)."""
+        return predict_images(self._model, self._spec, images, max_pixels=self._max_pixels, max_side=self._max_side,
+                              max_total_pixels=self._max_request_pixels, forward=self._forward,
+                              conformal_threshold=self._threshold)
 
     def predict(
         self,
@@ -181,10 +192,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             if (rows := _row_count(model_input)) > self._max_rows:  # before any row is decoded
                 raise ServingError(f"{rows} images in one request, more than this server takes "
                                    f"({self._max_rows}, model config max_rows): send them in smaller requests")
-            images = _images_from(model_input)
-            return predict_images(self._model, self._spec, images, max_pixels=self._max_pixels,
-                                  max_side=self._max_side, max_total_pixels=self._max_request_pixels,
-                                  forward=self._forward, conformal_threshold=self._threshold)
+            return self.classify(_images_from(model_input))
         except ServingError:
             raise
         except Exception as e:
@@ -220,9 +228,20 @@ def predict_images(
     `probabilities` of ``model`` at ``temperature``) maps a batch of prepared images to class
     probabilities; ``conformal_threshold`` gives the prediction sets.
     """
+    tensors = [prepared(image, spec, max_side)
+               for image in decode_images(images, max_pixels=max_pixels, max_total_pixels=max_total_pixels)]
+    forward = forward or (lambda batch: probabilities(model, batch, temperature))
+    chunks = [forward(torch.stack(tensors[start : start + batch_size])) for start in range(0, len(tensors), batch_size)]
+    return answer(torch.cat(chunks).double().numpy(), spec.classes, conformal_threshold)
+
+
+def decode_images(images: Sequence[bytes], *, max_pixels: int, max_total_pixels: int | None) -> Iterator[Any]:
+    """Each image decoded (PIL), one at a time so that the caller keeps only what it makes of it; a
+    `ServingError` names the first row that does not decode, has more than ``max_pixels`` pixels,
+    or takes the request past ``max_total_pixels``."""
     if len(images) == 0:
         raise ServingError(f"no images in the request: send at least one row in {IMAGE_COLUMN!r}")
-    tensors, total = [], 0
+    total = 0
     for row, data in enumerate(images):
         try:
             image = load_image_bytes(bytes(data), max_pixels=max_pixels)
@@ -232,24 +251,41 @@ def predict_images(
         if max_total_pixels is not None and total > max_total_pixels:
             raise ServingError(f"the request's images hold more than {max_total_pixels} pixels together "
                                f"(model config max_request_pixels): send them in smaller requests", row=row)
-        tensors.append(prepared(image, spec, max_side))
-    forward = forward or (lambda batch: probabilities(model, batch, temperature))
-    chunks = [forward(torch.stack(tensors[start : start + batch_size])) for start in range(0, len(tensors), batch_size)]
-    probs = torch.cat(chunks).double().numpy()
+        yield image
+
+
+def answer(probs: np.ndarray, classes: Sequence[str], conformal_threshold: float) -> pd.DataFrame:
+    """The served rows for (N, K) calibrated probabilities: label, confidence, probabilities, and
+    the prediction set at ``conformal_threshold`` (most probable first) with ``unsure``."""
     ids = probs.argmax(axis=1)
     sets = prediction_sets(probs, conformal_threshold)
     order = np.argsort(-probs, axis=1, kind="stable")
-    members = [[spec.classes[k] for k in row_order if in_set[k]] for row_order, in_set in zip(order, sets)]
+    members = [[classes[k] for k in row_order if in_set[k]] for row_order, in_set in zip(order, sets)]
     return pd.DataFrame(
         {
-            "label": [spec.classes[i] for i in ids],
+            "label": [classes[i] for i in ids],
             "label_id": ids.astype(np.int64),
             "confidence": probs.max(axis=1),
-            "probabilities": [dict(zip(spec.classes, map(float, p))) for p in probs],
+            "probabilities": [dict(zip(classes, map(float, p))) for p in probs],
             "prediction_set": members,
             "unsure": [len(m) > 1 for m in members],
         }
     )
+
+
+def config_temperature(value: Any, key: str) -> float:
+    temperature = float(value)
+    if not temperature > 0:
+        raise ValueError(f"model config {key} must be > 0, got {temperature}")
+    return temperature
+
+
+def config_views(value: Any) -> tuple[str, ...]:
+    views_ = tuple(value or ())
+    unknown = sorted(set(views_) - set(VIEWS))
+    if unknown:
+        raise ValueError(f"model config tta: unknown view(s) {unknown}; known: {sorted(VIEWS)}")
+    return views_
 
 
 def prepared(image: Any, spec: ModelSpec, max_side: int | None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from cnnlab.config import FeatureExtractParams
+from cnnlab.data.shards import read_manifest
 from cnnlab.data.split import resolve_image_size
 from cnnlab.data.tensors import (
     TensorSet,
@@ -34,7 +35,8 @@ from cnnlab.training.hardware import Runtime, runtime_of
 
 _log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+# calibration: for evaluate, which fits temperatures on it (absent or empty with calibration_fraction 0)
+SPLITS = ("train", "val", "calibration", "test")
 # The augment stage's copies of the training images, for a head trained on augmented features.
 AUGMENTED = "augmented"
 
@@ -69,7 +71,9 @@ def cached_features(clf: Classifier, spec: ModelSpec, split_dir: Path, cache: Fe
         trunk.to(memory_format=torch.channels_last)
     digest = trunk_digest(clf, arch=spec.arch, mode=spec.mode, image_size=spec.image_size)
     sets, seconds, count = {}, 0.0, 0
-    manifests = {split: split_dir / f"{split}.csv" for split in SPLITS}
+    manifests = {split: split_dir / f"{split}.csv" for split in SPLITS
+                 if split != "calibration" or ((split_dir / "calibration.csv").exists()
+                                               and read_manifest(split_dir, "calibration"))}
     if augmented_dir is not None:
         manifests[AUGMENTED] = augmented_dir / "train.csv"
     for split, manifest in manifests.items():

@@ -1,5 +1,7 @@
 """Stage `register`: every declared variant becomes a version of one registered model, and the
 alias (`champion`) goes to the best validation accuracy (`cnnlab.tracking.model_registry` does the MLflow part).
+An ensemble is registered like the others: one version, in the run `evaluate` made for it, whose
+pyfunc runs its members' networks in one process (`cnnlab.serving.ensemble`).
 
 Inside a DVC experiment (`dvc exp run`, queued or not) the versions are registered and tagged with
 the experiment's name, but the alias stays where it is: a sweep's experiments finish in any order,
@@ -16,10 +18,16 @@ from pathlib import Path
 
 import mlflow
 
-from cnnlab.config import RegistryParams
-from cnnlab.serving.publish import example_images, publish, serving_limits
+from cnnlab.config import EnsembleParams, RegistryParams
+from cnnlab.serving.publish import (
+    example_images,
+    publish,
+    publish_ensemble,
+    serving_limits,
+)
 from cnnlab.tracking.model_registry import (
     Candidate,
+    RegistryError,
     RegistryResult,
     read_candidate,
     register_variants,
@@ -32,24 +40,32 @@ _log = logging.getLogger(__name__)
 
 
 def register(models_dir: Path, split_dir: Path, test_metrics: Path, out: Path, *, stages: dict[str, str],
-             cfg: RegistryParams, coverage: float, tta: list[str]) -> str:
+             cfg: RegistryParams, coverage: float, tta: list[str], ensembles: dict[str, EnsembleParams] | None = None,
+             ensembles_file: Path | None = None) -> str:
     """Publish and register ``models_dir/<variant>`` for each variant in ``stages`` (variant -> the
     DVC stage that trains it, for error messages), in that order (a tie goes to the first); write
     the summary to ``out``; return it as text, with the command that serves the champion.
     ``split_dir`` gives the served model its decode limits and input example, ``test_metrics``
     (evaluate's) each variant's test accuracy, temperature, conformal threshold (fitted for
-    ``coverage``, evaluate's param) and whether its test-time views (``tta``, evaluate's) are used."""
+    ``coverage``, evaluate's param) and whether its test-time views (``tta``, evaluate's) are used.
+    Then each of ``ensembles`` (name -> settings, members listed), from the run and validation
+    accuracy evaluate recorded in ``ensembles_file``; a tie goes to the trained variant."""
     test = json.loads(test_metrics.read_text()) if test_metrics.exists() else None
+    ensembles = dict(ensembles or {})
     candidates = [read_candidate(name, models_dir / name, test, stage) for name, stage in stages.items()]
+    candidates += _ensemble_candidates(ensembles, ensembles_file, test)
+    stages = {**stages, **{name: "evaluate" for name in ensembles}}
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     # Before a version points at them: end the runs that a killed stage left RUNNING in the variants'
     # experiments (cnnlab.utils.run_guard; the watcher covers a SIGKILL, this a power cut).
     end_stale_runs(sorted({e for c in candidates if (e := _experiment_of(client, c.run_id))}))
     limits, examples = serving_limits(split_dir), example_images(split_dir)
-    candidates = [dataclasses.replace(c, model_uri=_publish(c, models_dir, stages,
-                                                            {**limits, **_trust(test, c.variant, coverage, tta)},
-                                                            examples))
+    candidates = [dataclasses.replace(c, model_uri=_publish_ensemble(c, ensembles[c.variant], models_dir, test,
+                                                                     limits, coverage, tta, examples)
+                                      if c.variant in ensembles else
+                                      _publish(c, models_dir, stages, {**limits, **_trust(test, c.variant, coverage, tta)},
+                                               examples))
                   for c in candidates]
     tags = dvc_experiment_tags()
     experiment = tags.get("dvc.exp_name")
@@ -71,6 +87,42 @@ def register(models_dir: Path, split_dir: Path, test_metrics: Path, out: Path, *
 def _publish(c: Candidate, models_dir: Path, stages: dict[str, str], limits: dict, examples: list[bytes]) -> str:
     require_run(mlflow.MlflowClient(), c, stages[c.variant])
     return publish(c.run_id, models_dir / c.variant, limits=limits, examples=examples)
+
+
+def _ensemble_candidates(ensembles: dict[str, EnsembleParams], ensembles_file: Path | None,
+                         test: dict | None) -> list[Candidate]:
+    if not ensembles:
+        return []
+    try:
+        records = json.loads(ensembles_file.read_text()) if ensembles_file else {}
+    except FileNotFoundError:
+        records = {}
+    out = []
+    for name, settings in ensembles.items():
+        rec = records.get(name)
+        if rec is None or rec.get("members") != list(settings.members) or rec.get("combine") != settings.combine:
+            raise RegistryError(f"{ensembles_file}: no evaluation of ensemble {name!r} with members "
+                                f"{', '.join(settings.members)} ({settings.combine}); run `dvc repro evaluate`")
+        test_accuracy = (test or {}).get(name, {}).get("test_accuracy")
+        out.append(Candidate(variant=name, run_id=rec["run_id"], val_accuracy=float(rec["val_accuracy"]),
+                             test_accuracy=None if test_accuracy is None else float(test_accuracy)))
+    return out
+
+
+def _publish_ensemble(c: Candidate, settings: EnsembleParams, models_dir: Path, test: dict | None, limits: dict,
+                      coverage: float, tta: list[str], examples: list[bytes]) -> str:
+    """The ensemble's pyfunc: each member served as evaluate averaged it (its temperature where the
+    ensemble averages calibrated probabilities, its views where they won), then the ensemble's own
+    temperature and threshold."""
+    require_run(mlflow.MlflowClient(), c, "evaluate")
+    members = {}
+    for m in settings.members:
+        trust = _trust(test, m, coverage, tta)
+        members[m] = {"temperature": trust["temperature"] if settings.combine == "calibrated_mean" else 1.0,
+                      "tta": trust["tta"]}
+    own = {k: v for k, v in _trust(test, c.variant, coverage, tta).items() if k != "tta"}
+    return publish_ensemble(c.run_id, {m: models_dir / m for m in settings.members}, members,
+                            limits={**limits, **own}, examples=examples)
 
 
 def _trust(test_metrics: dict | None, variant: str, coverage: float, tta: list[str]) -> dict:
