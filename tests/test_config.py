@@ -182,8 +182,6 @@ def test_an_entry_overrides_only_its_keys_and_nested_head_key_by_key():
      r"variants\.ensemble\.e\.members: an ensemble needs at least two members, and it lists a;"),
     (_variants(scratch={"a": {}, "b": {}}, ensemble={"e": {"members": "a"}}),
      r"variants\.ensemble\.e: members = 'a': 'all', or a list of variant names"),
-    (_variants(scratch={"a": {}}, ensemble={"e": {}}),
-     r"variants\.ensemble\.e\.members: an ensemble needs at least two members, and 'all' is a;"),
     (_variants(scratch={"a": {}, "b": {}}, ensemble={"e": {}, "f": {"members": ["a", "e"]}}),
      r"variants\.ensemble\.f\.members: 'e' is not a trained variant"),
     (_variants(scratch={"a": {}, "b": {}}, ensemble={"e": {"combine": "vote"}}),
@@ -196,6 +194,14 @@ def test_an_entry_overrides_only_its_keys_and_nested_head_key_by_key():
 def test_a_bad_variant_entry_is_refused_naming_it(variants: dict, message: str):
     with pytest.raises(ConfigError, match=message):
         parse_params(variants)
+
+
+def test_an_ensemble_of_all_is_left_out_when_one_variant_is_declared():
+    """`members: all` (the default entry) over a single trained variant has nothing to combine."""
+    one = parse_params({"variants": {"scratch": {"a": {}}, "feature_extract": {}, "fine_tune": {}}})
+    assert list(one.resolved_variants()) == ["a"]
+    two = parse_params({"variants": {"scratch": {"a": {}, "b": {}}, "feature_extract": {}, "fine_tune": {}}})
+    assert two.resolved_variants()["ensemble"].settings.members == ["a", "b"]
 
 
 def test_an_entry_with_another_arch_does_not_inherit_the_sections_arch_kwargs():

@@ -29,7 +29,7 @@ from cnnlab.data.sources import copy_local_folder
 from cnnlab.data.split import resolve_image_size, run_split
 from cnnlab.data.walk import walk_images
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "calibration", "test")
 # No caps: every usable image reaches a manifest, so "kept once" and "dropped" are exact.
 UNCAPPED = {"max_train_per_class": None, "max_val_per_class": None, "max_test_per_class": None}
 # Shorter sides of 66 px and more: `image_size: auto` gives scratch its 32 px cap.

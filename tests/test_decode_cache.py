@@ -91,10 +91,10 @@ def test_empty_split_still_has_a_shard(tmp_path: Path):
 def test_photos_stored_as_few_files_with_their_own_bytes(photos: Path):
     split = photos / "split"
     assert len([p for p in split.rglob("*") if p.is_file()]) < 20
-    rows = [r for s in ("train", "val", "test") for r in read_manifest(split, s)]
+    rows = [r for s in ("train", "val", "calibration", "test") for r in read_manifest(split, s)]
     kept = [r for r in rows if r["stored"] == "original"]
     assert kept and any(r["format"] == "jpeg" for r in kept)
-    stored = {r["key"]: data for s in ("train", "val", "test")
+    stored = {r["key"]: data for s in ("train", "val", "calibration", "test")
               for r, data in zip(read_manifest(split, s), iter_images(split, s), strict=True)}
     for r in kept:
         assert stored[r["key"]] == (photos / "raw" / r["source"]).read_bytes(), r

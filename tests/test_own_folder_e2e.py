@@ -22,7 +22,7 @@ from cnnlab.data.shards import iter_images, read_manifest
 
 pytestmark = pytest.mark.slow
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "calibration", "test")
 # A JPEG the split had to change (turned upright, CMYK -> RGB) is stored as a JPEG of quality 95:
 # close to the source's pixels, not equal. On these grainy generated photos q95 moves a pixel by up
 # to ~21 levels and ~2.9 on average (CMYK; EXIF-rotated ~13 and ~1.6); a wrong turn moves it far more.

@@ -76,7 +76,7 @@ def test_the_pipeline_runs_against_the_team_server_and_the_bucket_is_a_dvc_remot
     defaults = yaml.safe_load((REPO / "params.yaml").read_text())
     # One variant of each kind; the training stages (scratch@*, fine_tune@*) as 2 torchrun processes.
     variants = {"scratch": {"scratch": {}}, "feature_extract": {"feature_extract": {}},
-                "fine_tune": {"fine_tune": {"from": "feature_extract"}}}
+                "fine_tune": {"fine_tune": {"from": "feature_extract"}}, "ensemble": {"ensemble": {}}}
     ws = git_workspace(tmp_path / "ws", variants=variants, fine_tune={"epochs": 1}, distributed={"nproc_per_node": 2},
                        feature_extract={"image_size": 32, "head": {**defaults["feature_extract"]["head"], "epochs": 3}})
     started = time.perf_counter()
@@ -106,7 +106,12 @@ def test_the_pipeline_runs_against_the_team_server_and_the_bucket_is_a_dvc_remot
             assert tracked.info.artifact_uri.startswith("mlflow-artifacts:/"), tracked.info.artifact_uri
             assert "test_accuracy" in tracked.data.metrics  # evaluate wrote back to the same run
         experiment = client.get_experiment_by_name("cnnlab")
-        assert len(client.search_runs([experiment.experiment_id])) == len(VARIANTS) + 1  # + evaluate's
+        # + evaluate's, and the ensemble's (evaluate made it; register logged its pyfunc, all three members, there)
+        assert len(client.search_runs([experiment.experiment_id])) == len(VARIANTS) + 2
+        ensemble = client.get_run(json.loads((ws / "data/evaluation/ensembles.json").read_text())["ensemble"]["run_id"])
+        assert ensemble.info.status == "FINISHED" and ensemble.data.params["members"] == ",".join(VARIANTS)
+        assert client.search_logged_models([experiment.experiment_id],
+                                           filter_string=f"source_run_id = '{ensemble.info.run_id}'")
         assert any(k.endswith("MLmodel") for k in keys), keys[:20]
         registry = json.loads((ws / "data/registry.json").read_text())
         champion = client.get_model_version_by_alias(MODEL, "champion")

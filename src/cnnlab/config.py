@@ -421,7 +421,8 @@ class Params(_Section):
 
 def _resolve_members(variants: dict[str, Variant]) -> list[str]:
     """Each ensemble's ``members`` as a list of trained variants (``all``: every one, in table
-    order), in place; what is wrong with them."""
+    order; with fewer than two there is nothing to combine and the entry is left out), in place;
+    what is wrong with them."""
     trained = [n for n, v in variants.items() if v.kind in TRAINED_KINDS]
     problems: list[str] = []
     if not trained:  # said once, below
@@ -435,10 +436,11 @@ def _resolve_members(variants: dict[str, Variant]) -> list[str]:
                             "an ensemble's members are scratch, feature_extract or fine_tune variants)")
         elif len(set(members)) != len(members):
             problems.append(f"{where}: lists a variant twice")
+        elif len(members) < 2 and v.settings.members == "all":
+            del variants[v.name]  # `all` of a single variant: nothing to combine, so no ensemble
         elif len(members) < 2:
-            listed = f"'all' is {have}" if v.settings.members == "all" else f"it lists {', '.join(members) or 'none'}"
-            problems.append(f"{where}: an ensemble needs at least two members, and {listed}; name more, or "
-                            "remove the entry (variants.ensemble: {})")
+            problems.append(f"{where}: an ensemble needs at least two members, and it lists "
+                            f"{', '.join(members) or 'none'}; name more, or remove the entry (variants.ensemble: {{}})")
         else:
             variants[v.name] = dataclasses.replace(v, settings=v.settings.model_copy(update={"members": members}))
     return problems

@@ -354,10 +354,12 @@ def _write_tables(out: Path, comparison: pd.DataFrame, markdown: str, mcnemar: p
              "Validation accuracy is what chose each model (from training; an ensemble's from its members' "
              "validation answers, which it competes for champion with); an ensemble averages its members' "
              "(calibrated) probabilities. MACs: multiply-accumulates per image as served (test-time views "
-             "included; an ensemble runs every member). T: the temperature fitted on the validation split by NLL, "
+             "included; an ensemble runs every member). T: the temperature fitted on the calibration split by NLL, "
              "which the served model applies (it leaves every prediction, so accuracy and McNemar, as "
-             "they are); test NLL and ECE (15 equal-width bins) before -> after it.\n\nMcNemar, exact: b = images only A classifies right, c = only B; "
-             "p_holm corrects for testing every pair.\n\n")
+             "they are); test NLL and ECE (15 equal-width bins) before -> after it. Set coverage: share of test "
+             "images whose prediction set (threshold from the calibration split) holds the true class.\n\n"
+             "McNemar, exact: b = images only A classifies right, c = only B; p_holm corrects for testing "
+             "every pair.\n\n")
     atomic_write_text(out / "comparison.md", markdown + notes + mcnemar_markdown(mcnemar))
 
 
