@@ -38,7 +38,7 @@ from project_copy import copy_project, project_params, tool_argv, tool_env
 
 STAGES = ("download", "split", "augment", "scratch@scratch", "scratch@regularized", "feature_extract@feature_extract",
           "fine_tune@fine_tune", "evaluate", "register")
-SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4},
+SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 6, "max_test_per_class": 4},
          "augment": {"copies": 1, "preview_images": 3},
          "scratch": {"epochs": 4, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
          "fine_tune": {"epochs": 2}}

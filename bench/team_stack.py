@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from cnnlab_stack.stack import Stack  # noqa: E402
 
-SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4},
+SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 6, "max_test_per_class": 4},
          "augment": {"copies": 1, "preview_images": 3},
          "scratch": {"epochs": 3, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}},
          "fine_tune": {"epochs": 1}}

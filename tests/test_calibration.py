@@ -60,10 +60,19 @@ def test_temperature_never_changes_the_predicted_class():
     assert result.test_loss_calibrated < result.test_loss and result.temperature == 2.7
 
 
-def test_a_perfect_validation_split_stops_at_the_bound_not_at_zero():
-    # Every label right: the NLL keeps falling as T -> 0; the search stays within its range.
+def test_a_few_images_the_model_gets_right_do_not_collapse_the_temperature():
+    """Every label right: the NLL alone keeps falling as T -> 0 (a small photo folder's 61
+    calibration images with one mistake went to T = 0.089, and new images' NLL up fourfold). The
+    prior on log T holds it near 1 on a few images and lets go on many."""
     logits = np.array([[2.0, 0.0], [0.0, 3.0]])
-    assert T_MIN <= fit_temperature(log_probabilities(logits), np.array([0, 1])) < 1.1 * T_MIN
+    lp, labels = log_probabilities(logits), np.array([0, 1])
+    t = fit_temperature(lp, labels)
+    assert 0.3 < t < 1.0  # sharper than as trained, far from the bound
+    assert nll(lp, labels, T_MIN) < nll(lp, labels, t)  # the NLL alone would have gone to the bound
+    many_lp, many_labels = np.tile(lp, (5_000, 1)), np.tile(labels, 5_000)
+    assert fit_temperature(many_lp, many_labels) < t / 2  # 10,000 such images: the data weigh more
+    small_logits, small_labels = _overconfident(60, 3.0, seed=4)
+    assert fit_temperature(log_probabilities(small_logits), small_labels) > 1.5  # still softens a sure net
     with pytest.raises(ValueError, match="no examples"):
         fit_temperature(np.zeros((0, 2)), np.zeros(0, dtype=int))
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow  # `dvc repro` and two `mlflow run` processes
 BIN = Path(sys.executable).parent
 CLASSES = {"red": 8, "green": 8, "blue": 8}
 SMALL = {"download": {"source": "local", "local_dir": "data/local"},
-         "split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4, "color_mode": "grey"},
+         "split": {"max_train_per_class": 5, "max_val_per_class": 6, "max_test_per_class": 4, "color_mode": "grey"},
          "scratch": {"epochs": 2, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}}}
 
 

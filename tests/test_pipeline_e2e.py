@@ -27,7 +27,7 @@ def _dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=1800)  # generous: the machine may be shared and loaded
 
 
-TINY = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4},
+TINY = {"split": {"max_train_per_class": 5, "max_val_per_class": 6, "max_test_per_class": 4},
         "augment": {"copies": 1, "preview_images": 3}}
 
 

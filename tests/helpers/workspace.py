@@ -12,7 +12,7 @@ from project_copy import BIN, copy_project, project_params, tool_argv, tool_env
 __all__ = ["BIN", "SMALL", "commit", "git_workspace", "run"]
 
 # Small enough for a test: 5/3/4 images per class, one augmented copy, short training.
-SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 3, "max_test_per_class": 4},
+SMALL = {"split": {"max_train_per_class": 5, "max_val_per_class": 6, "max_test_per_class": 4},
          "augment": {"copies": 1, "preview_images": 3},
          "scratch": {"epochs": 3, "lr": 0.01, "arch": "tinyvgg", "arch_kwargs": {"hidden_units": 4}}}
 
