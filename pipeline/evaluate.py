@@ -11,9 +11,10 @@ from cnnlab.tracking.store_errors import store_error
 
 
 def main() -> None:
-    args, params = parse(__doc__, "split", "models", "features", "out", "metrics", "plots")
+    args, params = parse(__doc__, "split", "models", "features", "out", "metrics", "plots", "ensembles")
     paths = EvaluatePaths(split_dir=Path(args.split), models_dir=Path(args.models), features_dir=Path(args.features),
-                          out_dir=Path(args.out), plots_dir=Path(args.plots), metrics_file=Path(args.metrics))
+                          out_dir=Path(args.out), plots_dir=Path(args.plots), metrics_file=Path(args.metrics),
+                          ensembles_file=Path(args.ensembles))
     variants = params.resolved_variants()
     # variant -> the DVC stage that produces data/models/<name>, for error messages
     stages = {name: v.stage for name, v in variants.items() if v.kind != "ensemble"}

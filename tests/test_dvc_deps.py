@@ -50,9 +50,9 @@ def test_listed_code_exists():
 def test_evaluate_and_register_depend_only_on_what_every_variant_set_has():
     """DVC refuses a missing dependency, and a params.yaml may declare no feature_extract variant
     (bench/architectures.yaml does not): so no dependency on data/features, or on one variant.
-    evaluate writes data/evaluation/ensembles.json whatever is declared ({} without an ensemble)."""
+    evaluate writes data/ensembles.json whatever is declared ({} without an ensemble)."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
-    always = {"data/split", "data/models", "data/metrics/evaluate.json", "data/evaluation/ensembles.json"}
+    always = {"data/split", "data/models", "data/metrics/evaluate.json", "data/ensembles.json"}
     for name in ("evaluate", "register"):
         data = [d for d in dvc["stages"][name]["deps"] if not d.startswith(("pipeline/", "src/"))]
         assert set(data) <= always, (name, sorted(set(data) - always))

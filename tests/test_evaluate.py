@@ -211,7 +211,8 @@ def _run_stage(ws: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCapt
     monkeypatch.setattr(sys, "argv", [
         "evaluate.py", "--params", str(ws / "params.yaml"), "--split", str(ws / "split"), "--models",
         str(ws / "models"), "--features", str(ws / "features"), "--out", str(ws / "evaluation"),
-        "--metrics", str(ws / "metrics" / "evaluate.json"), "--plots", str(ws / "plots")])
+        "--metrics", str(ws / "metrics" / "evaluate.json"), "--plots", str(ws / "plots"),
+        "--ensembles", str(ws / "ensembles.json")])
     module.main()
 
 
@@ -338,7 +339,7 @@ def test_stage_outputs_agree_with_the_models_and_mlflow(workspace: Path, monkeyp
     assert set(summary[0].data.metrics) == {f"mcnemar_p.{pair}" for pair in metrics["mcnemar"]}
     # The ensemble has a run of its own, as a trained variant has its training run: what register
     # registers, with the validation accuracy it competes for champion with.
-    record = json.loads((ws / "evaluation" / "ensembles.json").read_text())["ensemble"]
+    record = json.loads((ws / "ensembles.json").read_text())["ensemble"]
     assert record["members"] == list(VARIANTS) and record["combine"] == "calibrated_mean"
     own = client.get_run(record["run_id"])
     assert (own.info.run_name, own.info.status, own.data.tags["kind"]) == ("ensemble", "FINISHED", "ensemble")
@@ -376,7 +377,7 @@ def test_an_ensemble_entry_is_added_and_removed_by_params_alone(workspace: Path,
     metrics = json.loads((workspace / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {*VARIANTS, "mcnemar"}
     assert "| ensemble" not in (workspace / "evaluation" / "comparison.md").read_text()
-    assert json.loads((workspace / "evaluation" / "ensembles.json").read_text()) == {}
+    assert json.loads((workspace / "ensembles.json").read_text()) == {}
     plots = workspace / "plots"
     assert not (plots / "confusion_ensemble.png").exists() and not (plots / "confusion" / "ensemble.csv").exists()
     assert (plots / "confusion_scratch.png").exists()
@@ -391,7 +392,7 @@ def test_an_ensemble_entry_is_added_and_removed_by_params_alone(workspace: Path,
     with_ensembles = json.loads((workspace / "metrics" / "evaluate.json").read_text())
     assert {v: with_ensembles[v] for v in VARIANTS} == {v: metrics[v] for v in VARIANTS}
     assert list(pd.read_csv(workspace / "evaluation" / "comparison.csv")["variant"]) == [*VARIANTS, "ensemble", "pair"]
-    records = json.loads((workspace / "evaluation" / "ensembles.json").read_text())
+    records = json.loads((workspace / "ensembles.json").read_text())
     assert records["pair"]["members"] == ["wide", "scratch"] and records["pair"]["combine"] == "mean"
     assert len(client.search_runs([experiment], "tags.kind = 'ensemble'")) == 2
     # `mean`: the members' probabilities as trained (no temperatures), in the order listed.

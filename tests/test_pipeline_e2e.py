@@ -132,7 +132,7 @@ def check_champion(ws: Path, client, runs: dict[str, str], evaluated: dict) -> N
     from cnnlab.tracking.model_registry import choose_champion, read_candidate
 
     registry = json.loads((ws / "data/registry.json").read_text())
-    ensemble = json.loads((ws / "data/evaluation/ensembles.json").read_text())["ensemble"]
+    ensemble = json.loads((ws / "data/ensembles.json").read_text())["ensemble"]
     assert ensemble["members"] == list(VARIANTS) and evaluated["ensemble"]["val_accuracy"] == ensemble["val_accuracy"]
     runs = {**runs, "ensemble": ensemble["run_id"]}
     val = {**{v: json.loads((ws / f"data/metrics/{v}.json").read_text())["val_accuracy"] for v in VARIANTS},
@@ -165,7 +165,7 @@ def read_metrics_files(ws: Path, files: tuple[str, ...] = METRICS_FILES) -> dict
 # timings out of them (cnnlab.training.outputs; evaluate's _dvc_metrics); timings go to MLflow.
 RUN_DEPENDENT = {"data/registry.json": ("champion_version", "versions"),
                  # each ensemble's MLflow run, made anew by evaluate
-                 "data/evaluation/ensembles.json": ("run_id",)}
+                 "data/ensembles.json": ("run_id",)}
 
 
 def read_outputs(ws: Path) -> dict[str, object]:
@@ -177,9 +177,9 @@ def read_outputs(ws: Path) -> dict[str, object]:
         files = sorted((ws / folder).glob(pattern))
         assert files, folder
         out.update({f.relative_to(ws).as_posix(): f.read_bytes() for f in files})
-    ensembles = json.loads((ws / "data/evaluation/ensembles.json").read_text())
-    out["data/evaluation/ensembles.json"] = {
-        name: {k: v for k, v in e.items() if k not in RUN_DEPENDENT["data/evaluation/ensembles.json"]}
+    ensembles = json.loads((ws / "data/ensembles.json").read_text())
+    out["data/ensembles.json"] = {
+        name: {k: v for k, v in e.items() if k not in RUN_DEPENDENT["data/ensembles.json"]}
         for name, e in ensembles.items()}
     for variant in VARIANTS:
         history = ws / f"data/plots/{variant}/history.csv"

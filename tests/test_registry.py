@@ -132,7 +132,7 @@ def _stage(tmp_path: Path, *variants: str, ensembles: dict | None = None) -> sub
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return subprocess.run(
         [sys.executable, str(REPO / "pipeline" / "register.py"), "--params", "params.yaml", "--models", "models",
-         "--split", "split", "--test-metrics", "metrics/evaluate.json", "--ensembles", "evaluation/ensembles.json",
+         "--split", "split", "--test-metrics", "metrics/evaluate.json", "--ensembles", "ensembles.json",
          "--out", "registry.json"],
         cwd=tmp_path, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
 
@@ -206,10 +206,9 @@ def test_stage_registers_an_ensemble_that_serves_its_members_calibrated_mean(sto
     log_variant(tmp_path, "regularized", 0.75)
     with tracked_run(experiment="reg-test", run_name="duo", tags={"kind": "ensemble"}, params={}) as run:
         pass
-    (tmp_path / "evaluation").mkdir()
     record = {"run_id": run.info.run_id, "variant": "duo", "val_accuracy": 0.8, "members": ["scratch", "regularized"],
               "combine": "calibrated_mean"}
-    (tmp_path / "evaluation" / "ensembles.json").write_text(json.dumps({"duo": record}))
+    (tmp_path / "ensembles.json").write_text(json.dumps({"duo": record}))
     trust = {"scratch": {"test_accuracy": 0.6, "temperature": 2.0, "conformal_threshold": 0.5, "tta_used": 0.0},
              "regularized": {"test_accuracy": 0.7, "temperature": 0.5, "conformal_threshold": 0.5, "tta_used": 1.0},
              "duo": {"test_accuracy": 0.75, "temperature": 1.5, "conformal_threshold": 0.3}}

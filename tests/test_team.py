@@ -108,7 +108,7 @@ def test_the_pipeline_runs_against_the_team_server_and_the_bucket_is_a_dvc_remot
         experiment = client.get_experiment_by_name("cnnlab")
         # + evaluate's, and the ensemble's (evaluate made it; register logged its pyfunc, all three members, there)
         assert len(client.search_runs([experiment.experiment_id])) == len(VARIANTS) + 2
-        ensemble = client.get_run(json.loads((ws / "data/evaluation/ensembles.json").read_text())["ensemble"]["run_id"])
+        ensemble = client.get_run(json.loads((ws / "data/ensembles.json").read_text())["ensemble"]["run_id"])
         assert ensemble.info.status == "FINISHED" and ensemble.data.params["members"] == ",".join(VARIANTS)
         assert client.search_logged_models([experiment.experiment_id],
                                            filter_string=f"source_run_id = '{ensemble.info.run_id}'")

@@ -67,8 +67,6 @@ from cnnlab.utils.files import atomic_write_text, staged_dir, write_json
 from cnnlab.utils.progress import progress
 
 _log = logging.getLogger(__name__)
-# In the evaluation folder: each ensemble's MLflow run and validation accuracy, for `register`.
-ENSEMBLES_FILE = "ensembles.json"
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,9 @@ class EvaluatePaths:
     out_dir: Path  # the tables
     plots_dir: Path
     metrics_file: Path  # DVC metrics
+    # Each ensemble's MLflow run and validation accuracy, for `register`: beside the evaluation
+    # folder, not in it, because a run id is new on every run while that folder is byte-reproducible.
+    ensembles_file: Path | None = None
 
 
 def evaluate_variants(stages: dict[str, str], cfg: EvaluateParams, paths: EvaluatePaths, *, seed: int,
@@ -91,7 +92,7 @@ def evaluate_variants(stages: dict[str, str], cfg: EvaluateParams, paths: Evalua
     tables as Markdown. A frozen-backbone variant is scored from the test features in
     ``features_dir/<variant>`` when they were made by exactly its backbone (see
     `cnnlab.training.features`). Each ensemble gets an MLflow run of its own, recorded with its
-    validation accuracy in ``out_dir/ensembles.json`` (what `register` reads)."""
+    validation accuracy in ``paths.ensembles_file`` (what `register` reads)."""
     variants, ensembles = list(stages), dict(ensembles or {})
     split_dir, models_dir = paths.split_dir, paths.models_dir
     _check_names([*variants, *ensembles])
@@ -134,7 +135,8 @@ def evaluate_variants(stages: dict[str, str], cfg: EvaluateParams, paths: Evalua
         _log_variant_runs(run_ids, {n: by_name[n] for n in variants}, models_dir, timing)
         ensemble_runs = _log_ensemble_runs(experiment, seed, {n: (s, by_name[n]) for n, s in ensembles.items()},
                                            run_ids, timing, rt.tags())
-        write_json(out / ENSEMBLES_FILE, ensemble_runs)
+        if paths.ensembles_file is not None:
+            write_json(paths.ensembles_file, ensemble_runs)
         _log_summary_run(experiment, {"seed": seed, "evaluate": cfg.model_dump()}, mcnemar, out, plots,
                          {**run_ids, **{n: e["run_id"] for n, e in ensemble_runs.items()}}, rt.tags())
     metrics = _dvc_metrics(results, mcnemar, variants)
@@ -438,7 +440,7 @@ def _log_ensemble_runs(experiment: str, seed: int, ensembles: dict[str, tuple[En
                        runtime_tags: dict[str, str]) -> dict[str, dict]:
     """One MLflow run per ensemble, as a training stage makes one per variant: its settings,
     validation accuracy (what it competes for champion with) and test metrics, tagged with its
-    members' runs; returns what `register` needs of each (ENSEMBLES_FILE)."""
+    members' runs; returns what `register` needs of each (`EvaluatePaths.ensembles_file`)."""
     import mlflow
 
     out = {}
