@@ -5,21 +5,16 @@ DVC remote (push, clone, pull, no-op repro)."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import signal
-import socket
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO
-from helpers.workspace import BIN, commit, git_workspace, run
+from helpers.served import serve_and_predict
+from helpers.workspace import commit, git_workspace, run
 
 pytestmark = pytest.mark.slow
 
@@ -29,43 +24,6 @@ MODEL = "cnnlab-classifier"
 
 def _metrics(ws: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((ws / "data/metrics").glob("*.json"))}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve_and_classify(ws: Path, client_env: dict[str, str], image: Path) -> dict:
-    """`mlflow models serve -m models:/...@champion` against the server; one image's answer."""
-    port = _free_port()
-    log = ws / "serve.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager",
-             "local", "-p", str(port), "--host", "127.0.0.1"],
-            cwd=ws, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **client_env},
-            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        body = json.dumps({"instances": [{"image": base64.b64encode(image.read_bytes()).decode()}]}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read())["predictions"][0]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_the_pipeline_runs_against_the_team_server_and_the_bucket_is_a_dvc_remote(team_stack, tmp_path: Path):
@@ -123,7 +81,7 @@ def test_the_pipeline_runs_against_the_team_server_and_the_bucket_is_a_dvc_remot
         row, data = next(zip(read_manifest(ws / "data/split", "test"), iter_images(ws / "data/split", "test")))
         image = tmp_path / f"stored.{row['format']}"
         image.write_bytes(data)
-        served = _serve_and_classify(ws, client_env, image)
+        served = serve_and_predict(f"models:/{MODEL}@champion", ws, [image.read_bytes()], env=client_env)[0]
         predicted = run(ws, "python", "-m", "cnnlab", "predict", str(image), "--json", extra_env=client_env)
         assert json.loads(predicted.stdout)["label"] == served["label"]
 

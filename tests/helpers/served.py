@@ -12,9 +12,11 @@ def publish_variant(run_id: str, model_dir: Path, split_dir: Path) -> str:
     return publish(run_id, model_dir, limits=serving_limits(split_dir), examples=example_images(split_dir))
 
 
-def serve_and_predict(model_uri: str, cwd: Path, images: list[bytes], timeout_s: float = 180) -> list[dict]:
-    """A real `mlflow models serve` of ``model_uri`` (the environment's tracking store) on a free
-    loopback port: its answers to one request of ``images``; the server is stopped afterwards."""
+def serve_and_predict(model_uri: str, cwd: Path, images: list[bytes], timeout_s: float = 180,
+                      env: dict[str, str] | None = None) -> list[dict]:
+    """A real `mlflow models serve` of ``model_uri`` (the environment's tracking store, or the one
+    ``env`` adds) on a free loopback port: its answers to one request of ``images``; the server is
+    stopped afterwards."""
     import base64
     import json
     import os
@@ -34,7 +36,7 @@ def serve_and_predict(model_uri: str, cwd: Path, images: list[bytes], timeout_s:
         # PATH: `mlflow models serve` execs `uvicorn` by name; own session, so the group is stopped.
         proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                                  "-p", str(port), "--host", "127.0.0.1"], cwd=cwd,
-                                env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+                                env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **(env or {})},
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
