@@ -5,6 +5,7 @@ Run from the repository root, once the register stage has set the alias (`dvc re
 
     .venv/bin/python bench/serving_latency.py                      # models:/cnnlab-classifier@champion
     .venv/bin/python bench/serving_latency.py --model runs:/RUN_ID/model --requests 500
+    .venv/bin/python bench/serving_latency.py --variant fine_tune   # on ONNX Runtime and on PyTorch
 
 For one model (``--model``: any URI `mlflow models serve -m` takes, default the registry alias
 that params.yaml's ``registry`` section names) and the first ``--images`` test images of
@@ -183,6 +184,8 @@ def report(rows: list[Row], header: list[str], checks: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model URI or local model folder (default: params.yaml's registry alias)")
+    ap.add_argument("--variant", help="a variant of params.yaml, measured on every --runtime (not with --model)")
+    ap.add_argument("--runtime", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
     ap.add_argument("--images", type=int, default=200, help="distinct test images (default: %(default)s)")
     ap.add_argument("--requests", type=int, default=200, help="timed one-image requests (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=20, help="untimed calls before each row (default: %(default)s)")
@@ -195,11 +198,25 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.images, args.requests, args.batch_size, args.batches, args.workers) < 1 or args.warmup < 0:
         ap.error("--images, --requests, --batch-size, --batches and --workers must be >= 1, --warmup >= 0")
 
-    uri = args.model or default_model_uri(ROOT / "params.yaml")
-    if Path(uri).exists():  # a local folder: give MLflow an absolute path
-        uri = str(Path(uri).resolve())
     mlflow.set_tracking_uri(tracking_uri())
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.variant:
+        from runtimes import runtime_uris
+
+        uris = runtime_uris([args.variant], tuple(args.runtime))
+        models = [(f"{args.variant} on {'ONNX Runtime' if rt == 'onnx' else 'PyTorch'}", uris[(args.variant, rt)])
+                  for rt in args.runtime]
+    else:
+        uri = args.model or default_model_uri(ROOT / "params.yaml")
+        if Path(uri).exists():  # a local folder: give MLflow an absolute path
+            uri = str(Path(uri).resolve())
+        models = [(uri, uri)]
+    print("\n\n".join(f"### {title}\n\n{measure(uri, args)}" for title, uri in models))
+    return 0
+
+
+def measure(uri: str, args: argparse.Namespace) -> str:
+    """Every row above for one model: its report."""
     images, source = load_images(args.split_dir, args.images)
     single = cycle(images, args.warmup + args.requests, 1)
     batched = cycle(images, args.warmup + args.batches, args.batch_size)
@@ -277,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         f"served answers equal in-process ones for the {len(got)} timed one-image requests: labels "
         f"{'yes' if same_labels else 'NO'}, max |probability difference| {max_diff:.2e}",
     ]
-    print(report(rows, header, checks))
-    return 0
+    return report(rows, header, checks)
 
 
 if __name__ == "__main__":

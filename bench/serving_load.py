@@ -7,8 +7,11 @@ Run from the repository root, once `dvc repro` has set the alias, on an idle mac
     .venv/bin/python bench/serving_load.py --duration 10 --clients 32 --workers 2 --no-abuse
     .venv/bin/python bench/serving_load.py --model models:/cnnlab-classifier/4 models:/cnnlab-classifier/5 \
         --workers 1 --clients 32 --duration 30 --no-abuse     # two models side by side, one after the other
+    .venv/bin/python bench/serving_load.py --variant fine_tune --runtime onnx torch \
+        --workers 1 --clients 32 --duration 60 --no-abuse     # a variant on ONNX Runtime and on PyTorch
 
-For each model (``--model``, one or more URIs, default the registry alias) and the first 64 test
+For each model (``--model``, one or more URIs, default the registry alias; or ``--variant`` names,
+each served on every ``--runtime`` as `register` logs it, see bench/runtimes.py) and the first 64 test
 images of data/split/test.csv it measures, in one run:
 
 * in-process, batch of 64: ``mlflow.pyfunc.load_model(uri).predict`` on 64 raw images in a loop
@@ -236,6 +239,8 @@ async def one_request(port: int, wire: bytes, timeout: float, *, close_early: bo
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", nargs="+", default=["models:/cnnlab-classifier@champion"])
+    ap.add_argument("--variant", nargs="+", help="variants of params.yaml, each on every --runtime (not with --model)")
+    ap.add_argument("--runtime", nargs="+", choices=["onnx", "torch"], default=["onnx", "torch"])
     ap.add_argument("--split", type=Path, default=Path("data/split"))
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--clients", type=int, nargs="+", default=[32, 128])
@@ -248,11 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     images, source = load_images(args.split, 64)
+    if args.variant:
+        from runtimes import runtime_uris
+
+        uris = runtime_uris(args.variant, tuple(args.runtime))
+        models = [(f"{variant} on {'ONNX Runtime' if rt == 'onnx' else 'PyTorch'} ({uri})", uri)
+                  for variant in args.variant for rt in args.runtime for uri in [uris[(variant, rt)]]]
+    else:
+        models = [(model, model) for model in args.model]
     sections = []
-    for model in args.model:
-        print(f"model {model}; {source}; load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs",
+    for title, model in models:
+        print(f"model {title}; {source}; load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs",
               file=sys.stderr, flush=True)
-        sections.append(f"### {model}\n\n" + measure(model, images, args))
+        sections.append(f"### {title}\n\n" + measure(model, images, args))
     print("\n\n".join(sections))
     return 0
 

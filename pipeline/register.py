@@ -7,6 +7,7 @@ from pathlib import Path
 
 from _common import parse, run
 
+from cnnlab.serving.onnx_export import ParityError
 from cnnlab.stages.register import register
 from cnnlab.tracking.model_registry import RegistryError
 from cnnlab.tracking.store_errors import store_error
@@ -19,8 +20,8 @@ def main() -> None:
                    stages={name: v.stage for name, v in variants.items() if v.kind != "ensemble"},
                    cfg=params.registry, coverage=params.evaluate.coverage, tta=list(params.evaluate.tta),
                    ensembles={name: v.settings for name, v in variants.items() if v.kind == "ensemble"},
-                   ensembles_file=Path(args.ensembles)), end="")
+                   ensembles_file=Path(args.ensembles), serving=params.serving), end="")
 
 
 if __name__ == "__main__":
-    run(main, RegistryError, FileNotFoundError, explain=store_error)
+    run(main, RegistryError, ParityError, FileNotFoundError, explain=store_error)

@@ -54,6 +54,12 @@ def log_variant(root: Path, variant: str, val_accuracy: float) -> Candidate:
     shards = ShardWriter(split, "val", CLASSES)
     shards.add(_png(1), key="0/a", label=0, cls=CLASSES[0], source="a.png", fmt="png", stored="original")
     shards.close()
+    # ... and the test images its ONNX graph is checked on.
+    shards = ShardWriter(split, "test", CLASSES)
+    for i in range(6):
+        shards.add(_png(10 + i), key=f"{i % 2}/t{i}", label=i % 2, cls=CLASSES[i % 2], source=f"t{i}.png", fmt="png",
+                   stored="original")
+    shards.close()
     return dataclasses.replace(read_candidate(variant, model_dir, None), model_uri=info.model_uri)
 
 
@@ -124,8 +130,10 @@ def test_a_run_missing_from_the_store_is_a_clear_error(store: MlflowClient) -> N
         register_variants(store, "clf", "champion", [ghost])
 
 
-def _stage(tmp_path: Path, *variants: str, ensembles: dict | None = None) -> subprocess.CompletedProcess:
+def _stage(tmp_path: Path, *variants: str, ensembles: dict | None = None,
+           serving: dict | None = None) -> subprocess.CompletedProcess:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["serving"].update(serving or {})
     params["variants"] = {"scratch": {v: {} for v in variants}, "feature_extract": {}, "fine_tune": {},
                           "ensemble": ensembles or {}}
     params["registry"]["model_name"] = "stage-clf"
@@ -181,6 +189,17 @@ def test_stage_writes_the_registry_summary_and_reads_test_accuracy(store: Mlflow
 
     rerun = _stage(tmp_path, "scratch", "regularized")
     assert rerun.returncode == 0 and "unchanged" in rerun.stdout and "new versions" not in rerun.stdout
+    assert json.loads((tmp_path / "registry.json").read_text())["runtime"] == "onnx"
+    assert "regularized: ONNX graph checked against PyTorch on 6 test images" in done.stdout
+
+    # serving.runtime: torch registers the PyTorch pyfunc instead, which answers the same.
+    on_torch = _stage(tmp_path, "scratch", "regularized", serving={"runtime": "torch"})
+    assert on_torch.returncode == 0 and "new versions for: scratch, regularized" in on_torch.stdout
+    assert json.loads((tmp_path / "registry.json").read_text())["runtime"] == "torch"
+    local = Path(mlflow.artifacts.download_artifacts("models:/stage-clf@champion"))
+    assert (local / "pyfunc_model.py").is_file() and "torch==" in (local / "requirements.txt").read_text()
+    again = mlflow.pyfunc.load_model("models:/stage-clf@champion").predict(pd.DataFrame({"image": [image]}, dtype=object))
+    np.testing.assert_allclose(list(again.iloc[0]["probabilities"].values()), want, atol=1e-6)
 
 
 def test_stage_names_the_missing_variant(store: MlflowClient, tmp_path: Path) -> None:
@@ -235,10 +254,13 @@ def test_stage_registers_an_ensemble_that_serves_its_members_calibrated_mean(sto
     # At temperature 1 (an operator's override) it is the members' plain mean.
     plain = mlflow.pyfunc.load_model("models:/stage-clf@champion", model_config={"temperature": 1.0}).predict(frame)
     np.testing.assert_allclose(np.array([list(p.values()) for p in plain["probabilities"]]), mean, atol=1e-5)
-    # Its environment: what the members' code needs, no more (two scratch nets: no timm).
+    # Its environment: what the ONNX members need, no more (no torch, no timm, no scikit-learn).
     requirements = Path(mlflow.artifacts.download_artifacts("models:/stage-clf@champion")) / "requirements.txt"
     names = {line.split("==")[0].lower() for line in requirements.read_text().split()}
-    assert {"torch", "mlflow", "pillow"} <= names and "timm" not in names and "scikit-learn" not in names
+    assert {"onnxruntime", "mlflow-skinny", "pillow"} <= names and not names & {"torch", "timm", "scikit-learn"}
+    # Each member's graph was checked against its PyTorch model on the split's test images.
+    parity = mlflow.MlflowClient().get_logged_model(served.metadata.model_id).tags["cnnlab.onnx_parity"]
+    assert parity.startswith("scratch: ") and "test images, max |p_onnx - p_torch|" in parity
 
     # The real scoring server gives the same answers (one process, both members).
     over_http = serve_and_predict("models:/stage-clf@champion", tmp_path, images)

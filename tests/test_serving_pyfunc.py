@@ -1,4 +1,8 @@
-"""The logged pyfunc, end to end: log into a real store, load it back, predict on real images."""
+"""The logged pyfunc, end to end: log into a real store, load it back, predict on real images.
+
+Every test of the `logged` models runs on both runtimes: ONNX Runtime (the default, exported and
+served without torch) and PyTorch (``serving.runtime: torch``); both must answer as the PyTorch
+model does in process."""
 
 from __future__ import annotations
 
@@ -32,7 +36,10 @@ from cnnlab.models.classifier import (
     register_kind,
     save_classifier,
 )
-from cnnlab.serving.pyfunc import SCORING_SERVER_ENV, log_classifier, predict_images
+from cnnlab.serving.onnx_export import onnx_folder
+from cnnlab.serving.onnx_pyfunc import log_onnx_model
+from cnnlab.serving.protocol import SCORING_SERVER_ENV
+from cnnlab.serving.pyfunc import log_classifier, predict_images
 from cnnlab.tracking.runs import tracked_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +73,7 @@ IMAGES = [
 
 @dataclass
 class Logged:
+    runtime: str
     spec: ModelSpec
     model_dir: Path
     model_uri: str
@@ -73,10 +81,11 @@ class Logged:
     shipped: list[str]  # the model's files right after logging, before anything loaded it
 
 
-@pytest.fixture(scope="module")
-def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Logged]]:
-    """One RGB and one L model, logged once per module (logging costs a few seconds)."""
-    root = tmp_path_factory.mktemp("serving")
+@pytest.fixture(scope="module", params=["onnx", "torch"])
+def logged(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Logged]]:
+    """One RGB and one L model, logged once per module and runtime (logging costs a few seconds)."""
+    runtime = request.param
+    root = tmp_path_factory.mktemp(f"serving-{runtime}")
     with pytest.MonkeyPatch.context() as mp:
         use_mlflow_store(mp, root)
         out = {}
@@ -87,14 +96,19 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Logge
             )
             torch.manual_seed(0)
             model_dir = root / f"model_{mode}"
-            save_classifier(build_classifier(spec), spec, model_dir)
+            model = build_classifier(spec)
+            save_classifier(model, spec, model_dir)
             with tracked_run(experiment="serving", run_name=mode, tags={}, params={"mode": mode}):
-                info = log_classifier(
-                    model_dir, example_images=IMAGES[:3], registered_model_name=f"tiny-{mode}"
-                )
+                if runtime == "torch":
+                    info = log_classifier(model_dir, example_images=IMAGES[:3], registered_model_name=f"tiny-{mode}")
+                else:
+                    graph = onnx_folder(model, spec, model_dir, root / f"onnx_{mode}")
+                    info = log_onnx_model({None: (graph, model_dir)}, example_images=IMAGES[:3],
+                                          registered_model_name=f"tiny-{mode}")
             local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
             shipped = sorted(p.relative_to(local).as_posix() for p in local.rglob("*"))
-            out[mode] = Logged(spec, model_dir, info.model_uri, mlflow.pyfunc.load_model(info.model_uri), shipped)
+            out[mode] = Logged(runtime, spec, model_dir, info.model_uri, mlflow.pyfunc.load_model(info.model_uri),
+                               shipped)
         yield out
 
 
@@ -199,10 +213,10 @@ def test_unexpected_failure_is_a_500_without_traceback(
     model = logged["RGB"].pyfunc
     python_model = model.unwrap_python_model()
 
-    def broken(batch: torch.Tensor) -> torch.Tensor:
+    def broken(images: list[bytes]) -> pd.DataFrame:
         raise RuntimeError("SECRET-INTERNAL-DETAIL")
 
-    monkeypatch.setattr(python_model, "_model", broken)
+    monkeypatch.setattr(python_model, "classify", broken)
     body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(PNG).decode()]]}})
     with pytest.raises(MlflowException) as err:
         invocations(body, "application/json", model, model.metadata.get_input_schema())
@@ -261,13 +275,16 @@ def test_missing_column_and_empty_input_are_rejected(logged: dict[str, Logged]) 
 
 def test_logged_model_ships_code_weights_and_pins(logged: dict[str, Logged]) -> None:
     local = Path(mlflow.artifacts.download_artifacts(logged["RGB"].model_uri))
+    onnx = logged["RGB"].runtime == "onnx"
     shipped = [
         "code/cnnlab/__init__.py",
         "code/cnnlab/serving/pyfunc.py",
         "code/cnnlab/models/classifier.py",
         "code/cnnlab/data/images.py",
-        "artifacts/model_RGB/weights.pt",
+        "artifacts/model_RGB/weights.pt",  # for onnx: the PyTorch model, beside the graph
         "artifacts/model_RGB/spec.json",
+        *(["code/cnnlab/serving/onnx_pyfunc.py", "artifacts/onnx_RGB/model.onnx", "artifacts/onnx_RGB/spec.json"]
+          if onnx else []),
     ]
     for part in shipped:
         assert (local / part).is_file(), part
@@ -275,10 +292,17 @@ def test_logged_model_ships_code_weights_and_pins(logged: dict[str, Logged]) -> 
     # code while logging. (Loading it from a local store later may write a cache there.)
     assert not [p for p in logged["RGB"].shipped if "__pycache__" in p]
     # Logged as code, not pickled: MLflow runs the shipped entry file to build the pyfunc.
-    assert (local / "pyfunc_model.py").is_file() and not list(local.rglob("*.pkl"))
+    entry = "onnx_model.py" if onnx else "pyfunc_model.py"
+    assert (local / entry).is_file() and not list(local.rglob("*.pkl"))
     requirements = (local / "requirements.txt").read_text()
-    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
-    assert f"mlflow=={mlflow.__version__}" in requirements
+    names = {line.split("==")[0].lower() for line in requirements.split()}
+    if onnx:  # served without the training stack
+        assert {"onnxruntime", "numpy", "pillow", "pandas"} <= names
+        assert not names & {"torch", "torchvision", "timm", "mlflow"} and not [n for n in names if "nvidia" in n]
+    else:
+        assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    # The scoring server and the pyfunc loader, without the tracking server's UI and database.
+    assert f"mlflow-skinny=={mlflow.__version__}" in requirements
     signature = mlflow.models.get_model_info(logged["RGB"].model_uri).signature
     # Optional on paper only (see cnnlab.serving.pyfunc.INPUT_SCHEMA); predict requires it.
     assert signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": False}]
@@ -334,6 +358,8 @@ def test_fresh_process_without_the_checkout(logged: dict[str, Logged], tmp_path:
 def test_loading_sets_threads_only_inside_the_scoring_server(
     logged: dict[str, Logged], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if logged["L"].runtime != "torch":
+        pytest.skip("torch's threads: the PyTorch runtime's")
     # The variable is MLflow's private way to hand the scoring server its model.
     assert SCORING_SERVER_ENV == mlflow.pyfunc.scoring_server._SERVER_MODEL_PATH
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

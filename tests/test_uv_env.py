@@ -2,9 +2,11 @@
 
 `mlflow models predict` / `serve` without ``--env-manager local``, `build-docker` and serving
 platforms install that file into an empty environment, and nothing else: so a scratch model and
-a transfer model (which needs timm) are logged for real, and the slow test has
-`mlflow models predict --env-manager uv` build each one's environment and predict, against the
-pyfunc's prediction here on the same real images. The fast tests read the requirements, and
+a transfer model (which needs timm) are logged for real on PyTorch, and the transfer model on ONNX
+Runtime as the registered champion (the default runtime). The slow tests have
+`mlflow models predict --env-manager uv` build each PyTorch one's environment and predict, against
+the pyfunc's prediction here on the same real images, and a real `mlflow models serve --env-manager
+uv` serve the champion from an environment without torch, answering as the PyTorch model does. The fast tests read the requirements, and
 check how `cnnlab.serving.model_env` reads them off the code on a package made up for it.
 """
 
@@ -38,7 +40,10 @@ from helpers.tiny_model import encode, train_tiny
 from cnnlab.data.preprocess import prepare
 from cnnlab.serving.model_env import UnresolvedImportError, served_requirements
 from cnnlab.models.classifier import ModelSpec, build_pretrained_classifier, save_classifier
-from cnnlab.serving.pyfunc import log_classifier
+from cnnlab.models.classifier import load_classifier
+from cnnlab.serving.onnx_export import onnx_folder
+from cnnlab.serving.onnx_pyfunc import log_onnx_model
+from cnnlab.serving.pyfunc import log_classifier, predict_images
 
 CLASSES = ["dark", "mid", "bright"]
 CHAMPION_NAME = "uv-env-classifier"
@@ -60,8 +65,11 @@ PREDICT_TIMEOUT_S = 1800
 # What the serving code of every model imports (PIL is distributed as pillow), plus timm where
 # the model's network is a timm backbone: not the offline weights package, since a logged
 # transfer model carries its weights (artifacts/.../weights.pt).
-SCRATCH_NEEDS = {"mlflow", "numpy", "pandas", "pillow", "torch"}
+SCRATCH_NEEDS = {"mlflow-skinny", "numpy", "pandas", "pillow", "torch"}
 TRANSFER_NEEDS = SCRATCH_NEEDS | {"timm"}
+ONNX_NEEDS = {"mlflow-skinny", "numpy", "pandas", "pillow", "onnxruntime"}
+# The training stack, which the ONNX model's environment must go without.
+TRAINING_STACK = ("torch", "torchvision", "timm", "nvidia", "triton", "cnnlab")
 
 
 @dataclass
@@ -114,8 +122,9 @@ def train_transfer(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Logged]]:
-    """A scratch and a transfer model, logged once into a fresh store; the transfer model is
-    registered as the champion, as the register stage does with the best variant."""
+    """A scratch and a transfer model, logged once into a fresh store; the transfer model is also
+    logged on ONNX Runtime and registered as the champion, as the register stage does with the best
+    variant."""
     root = tmp_path_factory.mktemp("uv_env")
     with pytest.MonkeyPatch.context() as mp:
         uri = use_mlflow_store(mp, root)
@@ -126,16 +135,22 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Logge
         train_tiny(root / "scratch")
         train_transfer(root / "transfer")
         out = {}
-        for kind in ("scratch", "transfer"):
+        for kind in ("scratch", "transfer", "onnx"):
+            folder = root / ("transfer" if kind == "onnx" else kind)
             with mlflow.start_run(run_name=kind) as run:
-                log_classifier(root / kind, example_images=EXAMPLES)
+                if kind == "onnx":
+                    model, spec = load_classifier(folder)
+                    log_onnx_model({None: (onnx_folder(model, spec, folder, root / "onnx"), folder)},
+                                   example_images=EXAMPLES)
+                else:
+                    log_classifier(folder, example_images=EXAMPLES)
             model_uri = f"runs:/{run.info.run_id}/model"
             local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(root / f"{kind}_logged")))
-            if kind == "transfer":
+            if kind == "onnx":
                 registered = mlflow.register_model(model_uri, CHAMPION_NAME)
                 mlflow.MlflowClient().set_registered_model_alias(CHAMPION_NAME, "champion", registered.version)
                 model_uri = f"models:/{CHAMPION_NAME}@champion"
-            out[kind] = Logged(model_uri, root / kind, local, _pins((local / "requirements.txt").read_text()))
+            out[kind] = Logged(model_uri, folder, local, _pins((local / "requirements.txt").read_text()))
         yield out
 
 
@@ -144,7 +159,8 @@ def _lock_pins() -> dict[str, str]:
     return {_normalize(n): v for n, v in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", text, re.M)}
 
 
-@pytest.mark.parametrize("kind, needs", [("scratch", SCRATCH_NEEDS), ("transfer", TRANSFER_NEEDS)])
+@pytest.mark.parametrize("kind, needs", [("scratch", SCRATCH_NEEDS), ("transfer", TRANSFER_NEEDS),
+                                         ("onnx", ONNX_NEEDS)])
 def test_requirements_name_what_the_model_imports_at_the_locked_versions(
     logged: dict[str, Logged], kind: str, needs: set[str]
 ) -> None:
@@ -156,7 +172,6 @@ def test_requirements_name_what_the_model_imports_at_the_locked_versions(
         assert pinned == version(name).split("+")[0], name
         # ...which is the lock's: a CI machine builds the model's environment from these pins.
         assert pinned == lock[name], f"{name}: logged {pinned}, requirements.lock {lock[name]}"
-    assert f"torch=={torch.__version__.split('+')[0]}" in (logged[kind].local / "requirements.txt").read_text()
     # The weights travel inside the model, so its environment needs no weights package.
     assert list(logged[kind].local.glob("artifacts/*/weights.pt"))
 
@@ -206,12 +221,12 @@ def test_module_level_imports_and_the_lazy_ones_the_model_runs(
 
         probe_pkg.helpers.on_the_path()
 
-    want = [f"mlflow=={version('mlflow')}", f"PyYAML=={version('PyYAML')}", f"tqdm=={version('tqdm')}"]
+    want = [f"mlflow-skinny=={version('mlflow-skinny')}", f"PyYAML=={version('PyYAML')}", f"tqdm=={version('tqdm')}"]
     # yaml: imported by serve.py at module level; tqdm: by a function the exercise ran. Not
-    # matplotlib (never called), nor scikit-learn (type checkers only); mlflow for the server.
+    # matplotlib (never called), nor scikit-learn (type checkers only); mlflow-skinny for the server.
     assert served_requirements(entry, package, exercise) == want
     # mlflow is also imported, and of the three distributions with an ``mlflow`` folder it names
-    # the one that depends on the other two.
+    # mlflow-skinny: the pyfunc loader and the scoring server, without the tracking server's stack.
     assert served_requirements(entry, package, exercise, server=()) == want
 
 
@@ -268,3 +283,39 @@ def test_mlflow_models_predict_in_a_uv_built_env_gives_the_same_labels(
     for g, w in zip(got["probabilities"], want["probabilities"]):
         assert g.keys() == w.keys()
         np.testing.assert_allclose(list(g.values()), list(w.values()), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_onnx_champion_serves_from_a_uv_env_without_torch(logged: dict[str, Logged], tmp_path: Path) -> None:
+    """`mlflow models serve --env-manager uv` of the champion: MLflow builds its environment from the
+    model's own requirements (no torch, timm or CUDA wheels), and the real server answers real
+    Fashion-MNIST test images and photos as the PyTorch model it was exported from does."""
+    from helpers.fashion_model import fashion_subset, png
+
+    from helpers.served import serve_and_predict
+
+    bin_dir = Path(sys.executable).parent
+    if shutil.which("uv", path=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])) is None:
+        pytest.skip("uv is not installed (make setup installs it unless INSTALLER=pip)")
+    pixels, _ = fashion_subset("t10k", per_class=2)
+    images = [png(p) for p in pixels] + IMAGES
+    model, spec = load_classifier(logged["onnx"].model_dir)
+    want = predict_images(model.eval(), spec, images)  # PyTorch, in this process
+    assert want["label"].nunique() > 1, want["label"].tolist()
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of the checkout
+    env["TMPDIR"] = env["MLFLOW_ENV_ROOT"] = str(tmp_path)  # where MLflow builds the environment
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])  # MLflow runs `uv` from PATH
+    got = serve_and_predict(logged["onnx"].model_uri, tmp_path, images, timeout_s=PREDICT_TIMEOUT_S,
+                            env=env, env_manager="uv")
+    assert [p["label"] for p in got] == want["label"].tolist()
+    np.testing.assert_allclose([list(p["probabilities"].values()) for p in got],
+                               [list(p.values()) for p in want["probabilities"]], atol=1e-4)
+
+    site = [p for p in tmp_path.rglob("site-packages") if p.is_dir()]
+    assert site, "no environment was built under the test's folders"
+    installed = {p.name.lower() for s in site for p in s.iterdir()}
+    assert "onnxruntime" in installed and "mlflow" in installed  # mlflow: the import name of mlflow-skinny
+    assert not [n for n in installed if n.startswith(TRAINING_STACK)], sorted(installed)
+    log = next(tmp_path.glob("serve-*.log")).read_text()
+    assert "CPUExecutionProvider" in log  # the provider it loaded, said at start

@@ -306,6 +306,13 @@ class RegistryParams(_Section):
     alias: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", max_length=100)] = "champion"
 
 
+class ServingParams(_Section):
+    """What `register` logs as each version's served model (`cnnlab.serving`)."""
+
+    runtime: Literal["onnx", "torch"] = "onnx"
+    parity_images: Annotated[int, Field(ge=1)] | None = 1000
+
+
 # A variant's kind, the params.yaml section it overrides, and the DVC stage that makes it: a
 # foreach stage (`<stage>@<name>`), except an ensemble's, which `evaluate` makes from its members.
 KINDS: dict[str, tuple[str, str]] = {
@@ -367,6 +374,7 @@ class Params(_Section):
     variants: VariantsParams = VariantsParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
+    serving: ServingParams = ServingParams()
 
     @model_validator(mode="after")
     def _variants_resolve(self) -> Params:

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
-from cnnlab.serving.publish import example_images, publish, serving_limits
+from cnnlab.serving.publish import Exports, example_images, publish, serving_limits
 
 
-def publish_variant(run_id: str, model_dir: Path, split_dir: Path) -> str:
-    """The pyfunc URI of ``model_dir`` logged into its run ``run_id`` (in the current tracking store)."""
-    return publish(run_id, model_dir, limits=serving_limits(split_dir), examples=example_images(split_dir))
+def publish_variant(run_id: str, model_dir: Path, split_dir: Path, runtime: str = "onnx") -> str:
+    """The pyfunc URI of ``model_dir`` logged into its run ``run_id`` (in the current tracking store),
+    on ``runtime`` (onnx: exported and checked on the split's test images, as register does)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exports = Exports(Path(tmp), split_dir, parity_images=None) if runtime == "onnx" else None
+        return publish(run_id, model_dir, limits=serving_limits(split_dir), examples=example_images(split_dir),
+                       exports=exports)
 
 
 def serve_and_predict(model_uri: str, cwd: Path, images: list[bytes], timeout_s: float = 180,
-                      env: dict[str, str] | None = None) -> list[dict]:
+                      env: dict[str, str] | None = None, env_manager: str = "local") -> list[dict]:
     """A real `mlflow models serve` of ``model_uri`` (the environment's tracking store, or the one
     ``env`` adds) on a free loopback port: its answers to one request of ``images``; the server is
-    stopped afterwards."""
+    stopped afterwards. Its log is ``cwd/serve-<port>.log``."""
     import base64
     import json
     import os
@@ -34,7 +39,7 @@ def serve_and_predict(model_uri: str, cwd: Path, images: list[bytes], timeout_s:
     log = cwd / f"serve-{port}.log"
     with open(log, "wb") as fh:
         # PATH: `mlflow models serve` execs `uvicorn` by name; own session, so the group is stopped.
-        proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+        proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", env_manager,
                                  "-p", str(port), "--host", "127.0.0.1"], cwd=cwd,
                                 env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **(env or {})},
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -56,5 +61,6 @@ def serve_and_predict(model_uri: str, cwd: Path, images: list[bytes], timeout_s:
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())["predictions"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)

@@ -115,13 +115,13 @@ def explain_files(model: Any, outcomes: Sequence[Outcome], out_dir: Path) -> lis
     """For each classified file, ``out_dir/<name>.gradcam.png`` (``<folder>_<name>`` when two
     files share a name): the image as the model reads it beside a Grad-CAM map of the predicted
     class (`cnnlab.evaluation.explain`); for an ensemble one per member,
-    ``<name>.gradcam.<member>.png``. Needs a cnnlab pyfunc (its PyTorch networks); returns the
-    files written."""
+    ``<name>.gradcam.<member>.png``. Needs a cnnlab pyfunc, on either runtime (an ONNX model ships
+    its PyTorch networks for this); returns the files written."""
     from cnnlab.evaluation.explain import grad_cam, save_overlay
-    from cnnlab.serving.pyfunc import ImageClassifierModel
+    from cnnlab.serving.protocol import ServedImageModel
 
     inner = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
-    if not isinstance(inner, ImageClassifierModel):
+    if not isinstance(inner, ServedImageModel) or not hasattr(inner, "networks"):
         raise CliError("--explain needs a cnnlab model (its PyTorch network); this one is not")
     written: list[Path] = []
     for o in outcomes:

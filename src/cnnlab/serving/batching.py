@@ -12,36 +12,42 @@ waiting while the previous pass ran.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
+
+# Batches are torch tensors (the PyTorch runtime) or numpy arrays (ONNX Runtime): this module
+# imports no torch, since the ONNX model's environment has none.
+Batch = Any
 
 
 @dataclass
 class _Call:
-    inputs: torch.Tensor
-    output: torch.Tensor | None = None
+    inputs: Batch
+    output: Batch | None = None
     error: BaseException | None = None
     done: bool = False
 
 
 class Coalescer:
     """``coalescer(x)`` returns ``fn(x)``; concurrent calls are concatenated along dim 0 into
-    passes of at most ``max_rows`` rows (a single call larger than that runs alone).
+    passes of at most ``max_rows`` rows (a single call larger than that runs alone). ``x`` is a
+    torch tensor or a numpy array, the same kind for every call.
 
     ``fn`` must treat rows independently (a model in eval mode). Results equal separate calls up to
     floating-point rounding: kernels may sum in another order for another batch size.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], max_rows: int = 64) -> None:
+    def __init__(self, fn: Callable[[Batch], Batch], max_rows: int = 64) -> None:
         self._fn = fn
         self._max_rows = max_rows
         self._cond = threading.Condition()
         self._queue: list[_Call] = []
         self._busy = False
 
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: Batch) -> Batch:
         call = _Call(inputs)
         with self._cond:
             self._queue.append(call)
@@ -69,7 +75,7 @@ class Coalescer:
 
     def _run(self, batch: list[_Call]) -> None:
         try:
-            inputs = batch[0].inputs if len(batch) == 1 else torch.cat([c.inputs for c in batch])
+            inputs = batch[0].inputs if len(batch) == 1 else _concat([c.inputs for c in batch])
             outputs = self._fn(inputs)
             start = 0
             for c in batch:
@@ -84,8 +90,16 @@ class Coalescer:
             self._cond.notify_all()
 
     @staticmethod
-    def _result(call: _Call) -> torch.Tensor:
+    def _result(call: _Call) -> Batch:
         if call.error is not None:
             raise call.error
         assert call.output is not None
         return call.output
+
+
+def _concat(parts: Sequence[Batch]) -> Batch:
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch  # only reached with torch tensors, i.e. where torch is installed
+
+    return torch.cat(list(parts))

@@ -16,33 +16,32 @@ member in the order evaluate averaged them.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
-from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 
-import cnnlab
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
 from cnnlab.serving.batching import Coalescer
-from cnnlab.serving.pyfunc import (
+from cnnlab.serving.protocol import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_REQUEST_PIXELS,
     DEFAULT_MAX_ROWS,
-    IMAGE_COLUMN,
-    INPUT_SCHEMA,
-    OUTPUT_SCHEMA,
-    ImageClassifierModel,
     answer,
+    calibrated_mean,
     config_temperature,
     config_views,
     decode_images,
+    in_scoring_server,
+    log_served,
+)
+from cnnlab.serving.pyfunc import (
+    ImageClassifierModel,
+    limit_threads,
     prepared,
     probabilities,
 )
@@ -57,6 +56,8 @@ class EnsembleClassifierModel(ImageClassifierModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = self._load_limits(context)
+        if in_scoring_server():
+            limit_threads()
         self._temperature = config_temperature(config.get("temperature", 1.0), "temperature")
         members = config.get("members") or []
         if len(members) < 2:
@@ -100,14 +101,6 @@ class EnsembleClassifierModel(ImageClassifierModel):
                       self._threshold)
 
 
-def calibrated_mean(mean: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log(mean) / T) in float64: the mean of the members' probabilities, calibrated."""
-    logits = np.log(np.clip(mean, 1e-300, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return out / out.sum(axis=1, keepdims=True)
-
-
 def _member_forward(model: Classifier, temperature: float, tta: tuple[str, ...]):
     return lambda batch: probabilities(model, batch, temperature, tta)
 
@@ -130,28 +123,15 @@ def log_ensemble(
     served ``temperature`` and ``tta`` views (its own, where the ensemble averages calibrated
     probabilities; 1.0 where it averages them as trained); ``temperature`` and
     ``conformal_threshold`` are the ensemble's. Logged as code, like `log_classifier`."""
-    from cnnlab.serving.model_env import served_requirements
-
     settings = {"max_pixels": max_pixels, "max_side": max_side, "max_rows": DEFAULT_MAX_ROWS,
                 "max_request_pixels": DEFAULT_MAX_REQUEST_PIXELS, "temperature": temperature,
                 "conformal_threshold": conformal_threshold, "coverage": coverage,
                 "members": [{"name": m, "temperature": float(member_settings[m]["temperature"]),
                              "tta": list(member_settings[m]["tta"])} for m in members]}
-    artifacts = {_ARTIFACT.format(m): str(folder) for m, folder in members.items()}
-    example = pd.DataFrame({IMAGE_COLUMN: list(example_images[:2])}, dtype=object)
+    return log_served(_ENTRY_POINT, name=name, artifacts=member_artifacts(members), settings=settings,
+                      example_images=example_images, model_class=EnsembleClassifierModel, tags=tags)
 
-    def load_and_predict() -> None:
-        model = EnsembleClassifierModel()
-        model.load_context(mlflow.pyfunc.PythonModelContext(artifacts, settings))
-        model.predict(None, example)
 
-    dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # as log_classifier: no __pycache__
-    try:
-        package = Path(cnnlab.__file__).parent
-        return mlflow.pyfunc.log_model(
-            name=name, python_model=str(_ENTRY_POINT), artifacts=artifacts, code_paths=[str(package)],
-            model_config=settings, signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
-            input_example=example, tags=tags,
-            pip_requirements=served_requirements(_ENTRY_POINT, package, load_and_predict))
-    finally:
-        sys.dont_write_bytecode = dont_write
+def member_artifacts(members: dict[str, Path]) -> dict[str, str]:
+    """The artifacts of an ensemble pyfunc: each member's model folder as ``member.<name>``."""
+    return {_ARTIFACT.format(m): str(folder) for m, folder in members.items()}

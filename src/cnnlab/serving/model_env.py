@@ -37,9 +37,12 @@ from importlib.metadata import (
 )
 from pathlib import Path
 
-# Needed by MLflow's scoring server itself, not imported by the model's code: the full package,
-# not only the mlflow-skinny that provides the ``mlflow`` import name.
-SERVER_REQUIREMENTS = ("mlflow",)
+# Needed by MLflow's scoring server itself (FastAPI, uvicorn), not imported by the model's code.
+# mlflow-skinny has it, and the pyfunc loader: the full mlflow adds the tracking server, its UI and
+# their dependencies (SQLAlchemy, Flask, matplotlib, scikit-learn, ...), about 400 MB a serving
+# environment does not use. So the ``mlflow`` import name is served by mlflow-skinny too.
+SERVER_REQUIREMENTS = ("mlflow-skinny",)
+_SERVED_BY = {"mlflow": "mlflow-skinny"}
 _REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -178,10 +181,12 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def _distributions_for(import_name: str, providers: Mapping[str, list[str]]) -> list[str]:
-    """The PyPI name that provides ``import_name`` (PIL: pillow, yaml: PyYAML). Where several do
-    (mlflow: mlflow, mlflow-skinny, mlflow-tracing), the one the others are dependencies of; all
+    """The PyPI name that provides ``import_name`` (PIL: pillow, yaml: PyYAML). Where several do,
+    the one `_SERVED_BY` names (mlflow: mlflow-skinny), else the one the others are dependencies of; all
     of those left where none is (a namespace such as ``google``: naming one too many is safe)."""
     candidates = sorted(set(providers.get(import_name, [])))
+    if _SERVED_BY.get(import_name) in candidates:
+        return [_SERVED_BY[import_name]]
     if not candidates:
         raise UnresolvedImportError(
             f"the model's code imports {import_name!r}, which no installed distribution provides,"

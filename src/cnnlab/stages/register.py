@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import mlflow
 
-from cnnlab.config import EnsembleParams, RegistryParams
+from cnnlab.config import EnsembleParams, RegistryParams, ServingParams
 from cnnlab.serving.publish import (
+    Exports,
     example_images,
     publish,
     publish_ensemble,
@@ -41,7 +43,7 @@ _log = logging.getLogger(__name__)
 
 def register(models_dir: Path, split_dir: Path, test_metrics: Path, out: Path, *, stages: dict[str, str],
              cfg: RegistryParams, coverage: float, tta: list[str], ensembles: dict[str, EnsembleParams] | None = None,
-             ensembles_file: Path | None = None) -> str:
+             ensembles_file: Path | None = None, serving: ServingParams | None = None) -> str:
     """Publish and register ``models_dir/<variant>`` for each variant in ``stages`` (variant -> the
     DVC stage that trains it, for error messages), in that order (a tie goes to the first); write
     the summary to ``out``; return it as text, with the command that serves the champion.
@@ -49,24 +51,13 @@ def register(models_dir: Path, split_dir: Path, test_metrics: Path, out: Path, *
     (evaluate's) each variant's test accuracy, temperature, conformal threshold (fitted for
     ``coverage``, evaluate's param) and whether its test-time views (``tta``, evaluate's) are used.
     Then each of ``ensembles`` (name -> settings, members listed), from the run and validation
-    accuracy evaluate recorded in ``ensembles_file``; a tie goes to the trained variant."""
-    test = json.loads(test_metrics.read_text()) if test_metrics.exists() else None
-    ensembles = dict(ensembles or {})
-    candidates = [read_candidate(name, models_dir / name, test, stage) for name, stage in stages.items()]
-    candidates += _ensemble_candidates(ensembles, ensembles_file, test)
-    stages = {**stages, **{name: "evaluate" for name in ensembles}}
+    accuracy evaluate recorded in ``ensembles_file``; a tie goes to the trained variant. Each is
+    served on ``serving.runtime``: for ONNX, its graph is checked on ``split_dir``'s test images."""
     mlflow.set_tracking_uri(tracking_uri())
+    serving = serving or ServingParams()
+    candidates = published(models_dir, split_dir, test_metrics, stages=stages, coverage=coverage, tta=tta,
+                           ensembles=ensembles or {}, ensembles_file=ensembles_file, serving=serving)
     client = mlflow.MlflowClient()
-    # Before a version points at them: end the runs that a killed stage left RUNNING in the variants'
-    # experiments (cnnlab.utils.run_guard; the watcher covers a SIGKILL, this a power cut).
-    end_stale_runs(sorted({e for c in candidates if (e := _experiment_of(client, c.run_id))}))
-    limits, examples = serving_limits(split_dir), example_images(split_dir)
-    candidates = [dataclasses.replace(c, model_uri=_publish_ensemble(c, ensembles[c.variant], models_dir, test,
-                                                                     limits, coverage, tta, examples)
-                                      if c.variant in ensembles else
-                                      _publish(c, models_dir, stages, {**limits, **_trust(test, c.variant, coverage, tta)},
-                                               examples))
-                  for c in candidates]
     tags = dvc_experiment_tags()
     experiment = tags.get("dvc.exp_name")
     result = register_variants(client, cfg.model_name, cfg.alias, candidates,
@@ -78,15 +69,42 @@ def register(models_dir: Path, split_dir: Path, test_metrics: Path, out: Path, *
         "champion": result.champion,
         "champion_version": result.champion_version,
         "chosen_by": "val_accuracy",
+        "runtime": serving.runtime,
         "versions": result.versions,
         "model_uri": _model_uri(result),
     })
     return _summary(result, candidates, experiment)
 
 
-def _publish(c: Candidate, models_dir: Path, stages: dict[str, str], limits: dict, examples: list[bytes]) -> str:
+def published(models_dir: Path, split_dir: Path, test_metrics: Path, *, stages: dict[str, str], coverage: float,
+              tta: list[str], ensembles: dict[str, EnsembleParams], ensembles_file: Path | None,
+              serving: ServingParams) -> list[Candidate]:
+    """Each variant (``stages``, then ``ensembles``) as a candidate whose ``model_uri`` is its pyfunc
+    on ``serving.runtime``, logged into its run now or found there (`cnnlab.serving.publish`):
+    `register`'s first half, which bench/serving_load.py also uses to serve both runtimes."""
+    test = json.loads(test_metrics.read_text()) if test_metrics.exists() else None
+    ensembles = dict(ensembles or {})
+    candidates = [read_candidate(name, models_dir / name, test, stage) for name, stage in stages.items()]
+    candidates += _ensemble_candidates(ensembles, ensembles_file, test)
+    stages = {**stages, **{name: "evaluate" for name in ensembles}}
+    # Before a version points at them: end the runs that a killed stage left RUNNING in the variants'
+    # experiments (cnnlab.utils.run_guard; the watcher covers a SIGKILL, this a power cut).
+    end_stale_runs(sorted({e for c in candidates if (e := _experiment_of(mlflow.MlflowClient(), c.run_id))}))
+    limits, examples = serving_limits(split_dir), example_images(split_dir)
+    with tempfile.TemporaryDirectory(prefix="cnnlab-onnx-") as tmp:
+        exports = Exports(Path(tmp), split_dir, serving.parity_images) if serving.runtime == "onnx" else None
+        return [dataclasses.replace(c, model_uri=_publish_ensemble(c, ensembles[c.variant], models_dir, test,
+                                                                   limits, coverage, tta, examples, exports)
+                                    if c.variant in ensembles else
+                                    _publish(c, models_dir, stages, {**limits, **_trust(test, c.variant, coverage, tta)},
+                                             examples, exports))
+                for c in candidates]
+
+
+def _publish(c: Candidate, models_dir: Path, stages: dict[str, str], limits: dict, examples: list[bytes],
+             exports: Exports | None) -> str:
     require_run(mlflow.MlflowClient(), c, stages[c.variant])
-    return publish(c.run_id, models_dir / c.variant, limits=limits, examples=examples)
+    return publish(c.run_id, models_dir / c.variant, limits=limits, examples=examples, exports=exports)
 
 
 def _ensemble_candidates(ensembles: dict[str, EnsembleParams], ensembles_file: Path | None,
@@ -110,7 +128,7 @@ def _ensemble_candidates(ensembles: dict[str, EnsembleParams], ensembles_file: P
 
 
 def _publish_ensemble(c: Candidate, settings: EnsembleParams, models_dir: Path, test: dict | None, limits: dict,
-                      coverage: float, tta: list[str], examples: list[bytes]) -> str:
+                      coverage: float, tta: list[str], examples: list[bytes], exports: Exports | None) -> str:
     """The ensemble's pyfunc: each member served as evaluate averaged it (its temperature where the
     ensemble averages calibrated probabilities, its views where they won), then the ensemble's own
     temperature and threshold."""
@@ -122,7 +140,7 @@ def _publish_ensemble(c: Candidate, settings: EnsembleParams, models_dir: Path, 
                       "tta": trust["tta"]}
     own = {k: v for k, v in _trust(test, c.variant, coverage, tta).items() if k != "tta"}
     return publish_ensemble(c.run_id, {m: models_dir / m for m in settings.members}, members,
-                            limits={**limits, **own}, examples=examples)
+                            limits={**limits, **own}, examples=examples, exports=exports)
 
 
 def _trust(test_metrics: dict | None, variant: str, coverage: float, tta: list[str]) -> dict:
@@ -172,5 +190,5 @@ def _summary(result: RegistryResult, candidates: list, experiment: str | None) -
         lines.append(f"alias {result.alias!r} -> version {result.champion_version} ({result.champion}){was}")
     else:
         lines.append(f"alias {result.alias!r} unchanged: version {result.champion_version} ({result.champion})")
-    lines.append(f'serve it: mlflow models serve -m "{_model_uri(result)}" --env-manager local -p 5001')
+    lines.append(f'serve it: mlflow models serve -m "{_model_uri(result)}" --env-manager local -p 5001 -w 2')
     return "\n".join(lines) + "\n"
