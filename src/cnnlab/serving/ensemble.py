@@ -1,7 +1,7 @@
 """The served ensemble: one pyfunc that runs its members in one process and answers as one model.
 
 Each member is a trained variant's `Classifier` folder (an artifact of its own), served as its own
-pyfunc would serve it: the same decode limits and preprocessing (`cnnlab.serving.pyfunc.prepared`),
+pyfunc would serve it: the same decode limits and preprocessing (`cnnlab.serving.protocol.networks_mean`),
 its temperature and its test-time views, and a `Coalescer` of its own, so under load each member
 runs one batch for the requests waiting on it while another request is in the next member. The
 members' probabilities are averaged (in float64), and the mean is calibrated by the ensemble's own
@@ -35,14 +35,13 @@ from cnnlab.serving.protocol import (
     calibrated_mean,
     config_temperature,
     config_views,
-    decode_images,
     in_scoring_server,
     log_served,
+    networks_mean,
 )
 from cnnlab.serving.pyfunc import (
     ImageClassifierModel,
     limit_threads,
-    prepared,
     probabilities,
 )
 
@@ -84,21 +83,12 @@ class EnsembleClassifierModel(ImageClassifierModel):
     def networks(self) -> list[tuple[str | None, Classifier, ModelSpec]]:
         return [(name, model, spec) for name, model, spec, _ in self._members]
 
-    def classify(self, images: Sequence[bytes], batch_size: int = 64) -> pd.DataFrame:
-        # Each image is decoded once and prepared once per input form (mode, size) the members read.
-        forms: dict[tuple[str, int], list[torch.Tensor]] = {}
-        specs = {(spec.mode, spec.image_size): spec for _, _, spec, _ in self._members}
-        for image in decode_images(images, max_pixels=self._max_pixels, max_total_pixels=self._max_request_pixels):
-            for form, spec in specs.items():
-                forms.setdefault(form, []).append(prepared(image, spec, self._max_side))
-        total = None
-        for _, _, spec, forward in self._members:
-            tensors = forms[(spec.mode, spec.image_size)]
-            probs = torch.cat([forward(torch.stack(tensors[s:s + batch_size]))
-                               for s in range(0, len(tensors), batch_size)]).double().numpy()
-            total = probs if total is None else total + probs
-        return answer(calibrated_mean(total / len(self._members), self._temperature), self._classes,
-                      self._threshold)
+    def classify(self, images: Sequence[bytes]) -> pd.DataFrame:
+        networks = [((spec.mode, spec.image_size), lambda batch, f=forward: f(torch.from_numpy(batch)))
+                    for _, _, spec, forward in self._members]
+        mean = networks_mean(images, networks, max_pixels=self._max_pixels,
+                             max_total_pixels=self._max_request_pixels, max_side=self._max_side)
+        return answer(calibrated_mean(mean, self._temperature), self._classes, self._threshold)
 
 
 def _member_forward(model: Classifier, temperature: float, tta: tuple[str, ...]):

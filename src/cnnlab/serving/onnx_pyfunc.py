@@ -47,10 +47,9 @@ from cnnlab.serving.protocol import (
     calibrated_mean,
     config_temperature,
     config_views,
-    decode_images,
     in_scoring_server,
     log_served,
-    prepared_array,
+    networks_mean,
     server_threads,
 )
 
@@ -118,19 +117,13 @@ class OnnxClassifierModel(ServedImageModel):
         loaded = sorted({m.session.get_providers()[0] for m in self._members})
         print(f"cnnlab: serving on ONNX Runtime {ort.__version__}, {', '.join(loaded)}", file=sys.stderr, flush=True)
 
-    def classify(self, images: Sequence[bytes], batch_size: int = 64) -> pd.DataFrame:
-        # Each image is decoded once and prepared once per input form (mode, size) the networks read.
-        forms: dict[tuple[str, int], list[np.ndarray]] = {(m.mode, m.size): [] for m in self._members}
-        for image in decode_images(images, max_pixels=self._max_pixels, max_total_pixels=self._max_request_pixels):
-            for (mode, size), arrays in forms.items():
-                arrays.append(prepared_array(image, mode, size, self._max_side))
-        total = None
-        for m in self._members:
-            arrays = forms[(m.mode, m.size)]
-            probs = np.concatenate([m.forward(np.stack(arrays[s:s + batch_size]))
-                                    for s in range(0, len(arrays), batch_size)])
-            total = probs if total is None else total + probs
-        probs = total if self._temperature is None else calibrated_mean(total / len(self._members), self._temperature)
+    def classify(self, images: Sequence[bytes]) -> pd.DataFrame:
+        # Each image decoded once and prepared once per input form the networks read.
+        probs = networks_mean(images, [((m.mode, m.size), m.forward) for m in self._members],
+                              max_pixels=self._max_pixels, max_total_pixels=self._max_request_pixels,
+                              max_side=self._max_side)
+        if self._temperature is not None:  # an ensemble: its mean, calibrated
+            probs = calibrated_mean(probs, self._temperature)
         return answer(probs, self._classes, self._threshold)
 
     def networks(self) -> list[tuple[str | None, Any, Any]]:
@@ -146,15 +139,6 @@ class OnnxClassifierModel(ServedImageModel):
                 model, spec = load_classifier(Path(self._artifacts[key]))
                 self._networks.append((m.name, model.eval(), spec))
         return self._networks
-
-    def prepare_upload(self, data: bytes, spec: Any) -> Any:
-        """One encoded image as the network ``spec`` describes reads it, as a torch tensor."""
-        import torch
-
-        from cnnlab.data.images import load_image_bytes
-
-        image = load_image_bytes(data, max_pixels=self._max_pixels)
-        return torch.from_numpy(prepared_array(image, spec.mode, spec.image_size, self._max_side))
 
 
 def _load(name: str | None, folder: Path, temperature: float, views: tuple[str, ...], providers: list[str],

@@ -42,7 +42,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,14 @@ class ServedImageModel(mlflow.pyfunc.PythonModel):
     def classify(self, images: Sequence[bytes]) -> pd.DataFrame:
         """The answer to one request's images (encoded bytes), limits and threshold applied."""
         raise NotImplementedError
+
+    def prepare_upload(self, data: bytes, spec: Any) -> Any:
+        """One encoded image as the network ``spec`` describes reads it, with the limits it serves
+        with, as a torch tensor (`python -m cnnlab predict --explain`: needs torch, serving does not)."""
+        import torch
+
+        image = load_image_bytes(data, max_pixels=self._max_pixels)
+        return torch.from_numpy(prepared_array(image, spec.mode, spec.image_size, self._max_side))
 
     def predict(
         self,
@@ -265,6 +273,26 @@ def prepared_array(image: Any, mode: Mode, size: int, max_side: int | None) -> n
     if max_side is not None:
         image = downscale(convert_mode(image, mode), max_side)
     return prepare_array(image, mode=mode, size=size)
+
+
+def networks_mean(images: Sequence[bytes], networks: Sequence[tuple[tuple[Mode, int], Callable[[np.ndarray], Any]]],
+                  *, max_pixels: int, max_total_pixels: int | None, max_side: int | None,
+                  batch_size: int = 64) -> np.ndarray:
+    """The mean over ``networks`` of their probabilities (N, K), in float64, for one request's images.
+
+    Each image is decoded once (`decode_images`, limits applied) and prepared once per input form
+    (mode, size) the networks read; each network is ((mode, size), forward), where ``forward`` maps a
+    uint8 batch (n, C, size, size) of at most ``batch_size`` images to (n, K) probabilities."""
+    forms: dict[tuple[Mode, int], list[np.ndarray]] = {form: [] for form, _ in networks}
+    for image in decode_images(images, max_pixels=max_pixels, max_total_pixels=max_total_pixels):
+        for (mode, size), arrays in forms.items():
+            arrays.append(prepared_array(image, mode, size, max_side))
+    total = 0.0
+    for form, forward in networks:
+        arrays = forms[form]
+        total = total + np.concatenate([np.asarray(forward(np.stack(arrays[s:s + batch_size])), dtype=np.float64)
+                                        for s in range(0, len(arrays), batch_size)])
+    return total / len(networks)
 
 
 def calibrated_mean(mean: np.ndarray, temperature: float) -> np.ndarray:

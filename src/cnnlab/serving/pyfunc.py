@@ -19,7 +19,6 @@ import pandas as pd
 import torch
 from mlflow.models.model import ModelInfo
 
-from cnnlab.data.images import load_image_bytes
 from cnnlab.evaluation.tta import mean_probabilities, views
 from cnnlab.models.classifier import Classifier, ModelSpec, load_classifier
 from cnnlab.serving.batching import Coalescer
@@ -69,9 +68,8 @@ class ImageClassifierModel(ServedImageModel):
         return self._model
 
     def prepare_upload(self, data: bytes, spec: ModelSpec | None = None) -> torch.Tensor:
-        """One encoded image as this model (or the one ``spec`` describes) reads it, with the
-        limits it serves with."""
-        return prepared(load_image_bytes(data, max_pixels=self._max_pixels), spec or self._spec, self._max_side)
+        """As every cnnlab model's, for its own network unless ``spec`` names another."""
+        return super().prepare_upload(data, spec or self._spec)
 
     def networks(self) -> list[tuple[str | None, Classifier, ModelSpec]]:
         """(member name or None, network, spec) of each network it runs: one here."""
